@@ -1,0 +1,337 @@
+"""Released PyTorch checkpoint -> Orbax checkpoint of our model.
+
+  python -m eao_jax.convert --torch_checkpoint=X.pth --output=DIR [--num_heads=N]
+
+Every dimension and option is inferred from the state dict: depth, widths, gated vs linear
+projections, shared vs per-modality final projections, one transformer or one per modality, the
+DAVEnet layout, CLS token and positional embeddings. The head count cannot be read off the weights:
+it comes from the checkpoint's saved training config or from --num_heads. A key that cannot be
+mapped, or a parameter the model needs that the checkpoint lacks, is an error that names it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from eao_jax import checkpoint
+from eao_jax.defaults import loss_config, model_config
+
+# Defined by the original but never used in its forward pass: dropped on purpose.
+UNUSED_KEYS = (
+    re.compile(r"^fusion\.norm\.(weight|bias)$"),
+    re.compile(r"^davenet\.batchnorm1\."),
+    re.compile(r".*\.num_batches_tracked$"),
+)
+ARCH_TYPES = ("EverythingAtOnceModel", "EverythingAtOnceModel_TV_Only", "TransformerPerModalityModel")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def load_torch_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, dict[str, Any]]:
+    """Reads a released .pth: returns (state dict without 'module.' prefixes, training config or None,
+    metadata such as epoch/step/arch)."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading .pth checkpoints needs torch: pip install 'eao_jax[torch]'") from e
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ConversionError(f"cannot read torch checkpoint {path}: {e}") from e
+    if isinstance(ckpt, Mapping) and "state_dict" in ckpt:
+        raw, config = ckpt["state_dict"], ckpt.get("config")
+        meta = {k: ckpt.get(k) for k in ("arch", "epoch", "step")}
+    elif isinstance(ckpt, Mapping) and all(hasattr(v, "shape") for v in ckpt.values()):
+        raw, config, meta = ckpt, None, {}
+    else:
+        raise ConversionError(f"{path} holds neither a checkpoint dict with 'state_dict' nor a state dict")
+    state = {}
+    for k, v in raw.items():
+        key = k[len("module."):] if k.startswith("module.") else k
+        state[key] = v.detach().cpu().numpy()
+    return state, (dict(config) if config is not None else None), meta
+
+
+def _projection_kind(state: Mapping[str, np.ndarray], prefix: str) -> str | None:
+    if f"{prefix}.cg.fc.weight" in state:
+        return "gated"
+    if f"{prefix}.weight" in state:
+        return "linear"
+    return None
+
+
+def infer_model_config(state: Mapping[str, np.ndarray], torch_config: Mapping[str, Any] | None,
+                       num_heads: int | None = None) -> ml_collections.ConfigDict:
+    """Our model config for the original's state dict (+ its training config when present)."""
+    args = {}
+    arch_type = "EverythingAtOnceModel"
+    if torch_config is not None:
+        arch = torch_config.get("arch", {})
+        arch_type = arch.get("type", arch_type)
+        args = dict(arch.get("args", {}))
+    if arch_type not in ARCH_TYPES:
+        raise ConversionError(f"checkpoint config arch.type={arch_type!r} is not one of {ARCH_TYPES}")
+
+    heads = num_heads
+    saved_heads = args.get("fusion_params", {}).get("num_heads")
+    if heads is None:
+        heads = saved_heads
+    elif saved_heads is not None and int(saved_heads) != int(heads):
+        raise ConversionError(f"--num_heads={heads} contradicts the checkpoint config's num_heads={saved_heads}")
+    if heads is None:
+        raise ConversionError("the head count is not in the checkpoint (no config['arch']['args']['fusion_params']"
+                              "['num_heads']): pass --num_heads")
+
+    c = model_config()
+    if "fusion.masking_token" not in state:
+        raise ConversionError("missing key 'fusion.masking_token': not an Everything-at-Once checkpoint")
+    c.embed_dim = int(state["fusion.masking_token"].shape[0])
+    c.num_heads = int(heads)
+    c.depth = len({int(m.group(1)) for k in state if (m := re.match(r"fusion\.blocks\.(\d+)\.", k))})
+    if c.depth:
+        c.mlp_ratio = state["fusion.blocks.0.mlp.fc1.weight"].shape[0] / c.embed_dim
+        c.qkv_bias = "fusion.blocks.0.attn.qkv.bias" in state
+    c.use_cls_token = "fusion.cls_token" in state
+    c.fusion = "per_modality" if any(k.startswith("fusion_video.") for k in state) else "shared"
+    c.cross_modal = c.fusion == "shared" and arch_type == "EverythingAtOnceModel"
+
+    if arch_type == "EverythingAtOnceModel_TV_Only":
+        c.modalities = ("text", "video")
+    else:
+        c.modalities = ("text", "video", "audio")
+
+    kind = _projection_kind(state, "video_token_proj")
+    if kind is None:
+        raise ConversionError("missing key 'video_token_proj.fc.weight' (or 'video_token_proj.weight')")
+    c.token_projection = kind
+    first = "video_token_proj.fc.weight" if kind == "gated" else "video_token_proj.weight"
+    c.video_dim = int(state[first].shape[1])
+    c.text_dim = int(state[first.replace("video", "text")].shape[1])
+
+    if _projection_kind(state, "proj") is not None:
+        c.individual_projections = False
+        c.projection = _projection_kind(state, "proj")
+        out_key = "proj.fc.weight" if c.projection == "gated" else "proj.weight"
+    else:
+        c.individual_projections = True
+        c.projection = _projection_kind(state, "video_proj")
+        if c.projection is None:
+            raise ConversionError("missing key 'video_proj.fc.weight' (or 'proj.fc.weight')")
+        out_key = "video_proj.fc.weight" if c.projection == "gated" else "video_proj.weight"
+    c.projection_dim = int(state[out_key].shape[0])
+
+    c.use_positional_emb = "video_pos_embed" in state
+    if c.use_positional_emb:
+        c.max_video_tokens = int(state["video_pos_embed"].shape[1])
+        c.max_text_tokens = int(state["text_pos_embed"].shape[1])
+        c.max_audio_tokens = int(state["audio_pos_embed"].shape[1])
+
+    if "audio" in c.modalities:
+        if "davenet.conv1.weight" not in state:
+            raise ConversionError("missing key 'davenet.conv1.weight'")
+        stem = state["davenet.conv1.weight"]  # (C0, 1, n_mels, 1)
+        stages = sorted({int(m.group(1)) for k in state if (m := re.match(r"davenet\.layer(\d+)\.", k))})
+        blocks, widths = [], [int(stem.shape[0])]
+        for s in stages:
+            n = len({int(m.group(1)) for k in state if (m := re.match(rf"davenet\.layer{s}\.(\d+)\.", k))})
+            blocks.append(n)
+            widths.append(int(state[f"davenet.layer{s}.0.conv1.weight"].shape[0]))
+        c.davenet.n_mels = int(stem.shape[2])
+        c.davenet.blocks = tuple(blocks)
+        c.davenet.widths = tuple(widths)
+        c.davenet.kernel = int(state[f"davenet.layer{stages[0]}.0.conv1.weight"].shape[3])
+        pooling = args.get("strategy_audio_pooling", "none")
+        c.audio_pooling = pooling
+        if args.get("audio_max_num_STFT_frames"):
+            c.audio_pooling_tokens = int(args["audio_max_num_STFT_frames"]) // (2 ** len(blocks))
+    return c
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.T)
+
+
+def _conv1d(w: np.ndarray) -> np.ndarray:
+    """torch (out, in, 1, k) -> flax (k, in, out)."""
+    return np.ascontiguousarray(w[:, :, 0, :].transpose(2, 1, 0))
+
+
+def torch_key_to_path(key: str, cfg: ml_collections.ConfigDict) -> tuple[tuple[str, ...], Any] | None:
+    """Our variable path and a layout transform for one torch key; None for keys to skip."""
+    mods = ("text", "video", "audio")
+
+    def projection(prefix: str, rest: str):
+        table = {"fc.weight": (("fc", "kernel"), _linear), "fc.bias": (("fc", "bias"), None),
+                 "cg.fc.weight": (("cg", "kernel"), _linear), "cg.fc.bias": (("cg", "bias"), None),
+                 "weight": (("fc", "kernel"), _linear), "bias": (("fc", "bias"), None)}
+        if rest not in table:
+            return None
+        sub, fn = table[rest]
+        return prefix + sub, fn
+
+    if key == "fusion.masking_token":
+        return ("masking_token",), None
+    if key == "fusion.cls_token":
+        return ("cls_token",), lambda w: w.reshape(-1)
+    for m in mods:
+        if key == f"{m}_pos_embed":
+            return ("pos_embed", m), lambda w: w.reshape(w.shape[-2], w.shape[-1])
+        if key.startswith(f"{m}_token_proj."):
+            return projection(("token_proj", m), key[len(f"{m}_token_proj."):])
+        if key.startswith(f"{m}_norm_layer."):
+            leaf = {"weight": "scale", "bias": "bias"}.get(key.rsplit(".", 1)[1])
+            return (("token_norm", m, leaf), None) if leaf else None
+        if key.startswith(f"{m}_proj."):
+            return projection(("proj", m), key[len(f"{m}_proj."):])
+    if key.startswith("proj."):
+        return projection(("proj",), key[len("proj."):])
+
+    m = re.match(r"^(fusion|fusion_text|fusion_video|fusion_audio)\.blocks\.(\d+)\.(.+)$", key)
+    if m:
+        which, idx, rest = m.group(1), m.group(2), m.group(3)
+        if cfg.fusion == "per_modality":
+            base = ("fusion", {"fusion": "text"}.get(which, which.replace("fusion_", "")), "blocks", idx)
+        else:
+            base = ("fusion", "blocks", idx)
+        table = {
+            "norm1.weight": (("norm1", "scale"), None), "norm1.bias": (("norm1", "bias"), None),
+            "norm2.weight": (("norm2", "scale"), None), "norm2.bias": (("norm2", "bias"), None),
+            "attn.qkv.weight": (("attn", "qkv", "kernel"), _linear), "attn.qkv.bias": (("attn", "qkv", "bias"), None),
+            "attn.proj.weight": (("attn", "proj", "kernel"), _linear),
+            "attn.proj.bias": (("attn", "proj", "bias"), None),
+            "mlp.fc1.weight": (("fc1", "kernel"), _linear), "mlp.fc1.bias": (("fc1", "bias"), None),
+            "mlp.fc2.weight": (("fc2", "kernel"), _linear), "mlp.fc2.bias": (("fc2", "bias"), None),
+        }
+        if rest not in table:
+            return None
+        sub, fn = table[rest]
+        return base + sub, fn
+
+    bn = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+    if key == "davenet.conv1.weight":
+        return ("davenet", "stem", "kernel"), lambda w: np.ascontiguousarray(w[:, 0, :, 0].T)
+    m = re.match(r"^davenet\.bn1\.(\w+)$", key)
+    if m and m.group(1) in bn:
+        return ("davenet", "stem_bn", bn[m.group(1)]), None
+    m = re.match(r"^davenet\.layer(\d+)\.(\d+)\.(.+)$", key)
+    if m:
+        base = ("davenet", "stages", str(int(m.group(1)) - 1), m.group(2))
+        rest = m.group(3)
+        if rest in ("conv1.weight", "conv2.weight"):
+            return base + (rest.split(".")[0], "kernel"), _conv1d
+        if rest == "downsample.0.weight":
+            return base + ("down_conv", "kernel"), _conv1d
+        mm = re.match(r"^(bn1|bn2|downsample\.1)\.(\w+)$", rest)
+        if mm and mm.group(2) in bn:
+            name = {"bn1": "bn1", "bn2": "bn2", "downsample.1": "down_bn"}[mm.group(1)]
+            return base + (name, bn[mm.group(2)]), None
+    return None
+
+
+def _is_ignored(key: str, cfg: ml_collections.ConfigDict) -> bool:
+    if any(p.match(key) for p in UNUSED_KEYS):
+        return True
+    if cfg.fusion == "per_modality" and key.startswith("fusion_text."):
+        return True  # the original's fusion_text is the same module as fusion: saved twice
+    if cfg.fusion == "per_modality" and re.match(r"^fusion_(video|audio)\.(masking_token|norm\.)", key):
+        return True  # per-modality transformers' own masking tokens and final norms are never used
+    if "audio" not in cfg.modalities and (key.startswith(("davenet.", "audio_token_proj.", "audio_norm_layer.",
+                                                          "audio_proj.", "audio_pos_embed"))):
+        return True  # the TV-only model builds but never uses its audio branch
+    return False
+
+
+def convert_state(state: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict) -> dict:
+    """Maps a torch state dict onto our model's variables; returns a pure nested dict.
+
+    Raises ConversionError naming every unexpected torch key and every variable left unfilled.
+    """
+    abstract = checkpoint.abstract_model(ml_collections.ConfigDict({"model": cfg}))
+    flat_target = {tuple(str(p) for p in path): v
+                   for path, v in nnx.to_flat_state(nnx.state(abstract, checkpoint.MODEL_VARIABLES))}
+    filled: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, bad_shape, ignored = [], [], []
+    for key, value in state.items():
+        if _is_ignored(key, cfg):
+            ignored.append(key)
+            continue
+        mapped = torch_key_to_path(key, cfg)
+        if mapped is None or mapped[0] not in flat_target:
+            unexpected.append(key)
+            continue
+        path, fn = mapped
+        arr = np.asarray(fn(value) if fn else value, dtype=np.float32)
+        want = tuple(flat_target[path].shape)
+        if arr.shape != want:
+            bad_shape.append(f"{key} {tuple(value.shape)} -> {'/'.join(path)} expects {want}")
+            continue
+        filled[path] = arr
+    missing = sorted("/".join(p) for p in flat_target if p not in filled)
+    problems = []
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(sorted(unexpected)))
+    if bad_shape:
+        problems.append("shape mismatches: " + "; ".join(bad_shape))
+    if missing:
+        problems.append("missing (no checkpoint key for): " + ", ".join(missing))
+    if problems:
+        raise ConversionError("cannot convert checkpoint: " + " | ".join(problems))
+    if ignored:
+        logging.info("ignored %d keys the original never uses: %s", len(ignored), ", ".join(sorted(ignored)[:8]))
+    nested: dict = {}
+    for path, arr in filled.items():
+        node = nested
+        for p in path[:-1]:
+            node = node.setdefault(int(p) if p.isdigit() else p, {})
+        node[int(path[-1]) if path[-1].isdigit() else path[-1]] = arr
+    return nested
+
+
+def convert(torch_checkpoint: str, output: str, num_heads: int | None = None) -> ml_collections.ConfigDict:
+    """Converts a released checkpoint into an Orbax checkpoint at `output`; returns the saved config."""
+    state, torch_config, meta = load_torch_checkpoint(torch_checkpoint)
+    model_cfg = infer_model_config(state, torch_config, num_heads)
+    variables = convert_state(state, model_cfg)
+    config = ml_collections.ConfigDict()
+    config.model = model_cfg
+    config.loss = loss_config()
+    if torch_config is not None:
+        largs = torch_config.get("loss", {}).get("args", {})
+        for term in config.loss.weights:
+            if f"{term}_weight" in largs:
+                config.loss.weights[term] = float(largs[f"{term}_weight"])
+    config.source = ml_collections.ConfigDict({
+        "torch_checkpoint": str(torch_checkpoint), "arch": str(meta.get("arch")),
+        "epoch": int(meta.get("epoch") or 0), "step": int(meta.get("step") or 0)})
+    checkpoint.save_model(output, int(meta.get("step") or 0), variables, config)
+    return config
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cfg = convert(FLAGS.torch_checkpoint, FLAGS.output, FLAGS.num_heads)
+    m = cfg.model
+    print(f"converted {FLAGS.torch_checkpoint} -> {FLAGS.output}: modalities={tuple(m.modalities)} "
+          f"embed_dim={m.embed_dim} depth={m.depth} heads={m.num_heads} projection_dim={m.projection_dim} "
+          f"fusion={m.fusion} cls={m.use_cls_token} pos_emb={m.use_positional_emb}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("torch_checkpoint", None, "Released PyTorch checkpoint (.pth).", required=True)
+    flags.DEFINE_string("output", None, "Output Orbax checkpoint directory.", required=True)
+    flags.DEFINE_integer("num_heads", None, "Attention heads, when the checkpoint has no saved config.")
+    app.run(main)

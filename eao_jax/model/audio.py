@@ -1,0 +1,141 @@
+"""DAVEnet (ResDavenet) audio CNN and the audio-token helpers around it.
+
+The original treats the (40, T) log-mel spectrogram as a 1-channel image: a (40 x 1) stem conv
+collapses the mel axis, then every conv is (1 x k) along time. Here that is written directly as
+1-D convolutions over time on (B, T, C): the stem is a bias-free dense map over the 40 mel bins.
+Layouts: v2 (paper) 6 stages [2,2,1,1,1,1] -> T/64; v1 4 stages [2,2,2,2] -> T/16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eao_jax.model.layers import BatchNorm
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype) -> nnx.Conv:
+    # The original's init: N(0, sqrt(2 / (kh * kw * out_channels))).
+    std = math.sqrt(2.0 / (kernel * cout))
+    pad = kernel // 2
+    return nnx.Conv(cin, cout, kernel_size=(kernel,), strides=(stride,), padding=[(pad, pad)],
+                    use_bias=False, kernel_init=jax.nn.initializers.normal(std), dtype=dtype,
+                    param_dtype=jnp.float32, rngs=rngs)
+
+
+class BasicBlock(nnx.Module):
+    """conv(k, stride) -> BN -> ReLU -> conv(k) -> BN, plus shortcut (1x1 conv stride + BN when the
+    shape changes), then ReLU. (B, T, Cin) -> (B, ceil(T / stride), Cout)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, momentum: float, eps: float,
+                 rngs: nnx.Rngs, dtype):
+        self.conv1 = _conv(cin, cout, kernel, stride, rngs=rngs, dtype=dtype)
+        self.bn1 = BatchNorm(cout, momentum=momentum, eps=eps)
+        self.conv2 = _conv(cout, cout, kernel, 1, rngs=rngs, dtype=dtype)
+        self.bn2 = BatchNorm(cout, momentum=momentum, eps=eps)
+        if stride != 1 or cin != cout:
+            self.down_conv = _conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype)
+            self.down_bn = BatchNorm(cout, momentum=momentum, eps=eps)
+        else:
+            self.down_conv = None
+            self.down_bn = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        residual = x if self.down_conv is None else self.down_bn(self.down_conv(x))
+        return jax.nn.relu(out + residual)
+
+
+class DAVEnet(nnx.Module):
+    """(B, n_mels, T) log-mel -> (B, T / 2**len(blocks), widths[-1]) audio tokens."""
+
+    def __init__(self, *, n_mels: int, blocks: Sequence[int], widths: Sequence[int], kernel: int,
+                 bn_momentum: float, bn_eps: float, rngs: nnx.Rngs, dtype, remat: bool = False):
+        if len(widths) != len(blocks) + 1:
+            raise ValueError(
+                f"model.davenet.widths needs one stem width plus one per stage: {len(blocks)} stages "
+                f"(model.davenet.blocks={tuple(blocks)}) but {len(widths)} widths")
+        self.n_mels = n_mels
+        std = math.sqrt(2.0 / (n_mels * widths[0]))
+        self.stem = nnx.Linear(n_mels, widths[0], use_bias=False,
+                               kernel_init=jax.nn.initializers.normal(std), dtype=dtype,
+                               param_dtype=jnp.float32, rngs=rngs)
+        self.stem_bn = BatchNorm(widths[0], momentum=bn_momentum, eps=bn_eps)
+        stages = []
+        cin = widths[0]
+        for n_blocks, cout in zip(blocks, widths[1:], strict=True):
+            stage = []
+            for b in range(n_blocks):
+                stage.append(BasicBlock(cin, cout, kernel, 2 if b == 0 else 1, momentum=bn_momentum,
+                                        eps=bn_eps, rngs=rngs, dtype=dtype))
+                cin = cout
+            stages.append(nnx.List(stage))
+        self.stages = nnx.List(stages)
+        self.downsample = 2 ** len(blocks)
+        self.out_dim = widths[-1]
+        self.remat = remat
+
+    def __call__(self, spec: jax.Array) -> jax.Array:
+        if spec.ndim != 3 or spec.shape[1] != self.n_mels:
+            raise ValueError(f"audio must be (B, {self.n_mels}, T), got {spec.shape}")
+        x = jnp.swapaxes(spec, 1, 2)  # (B, T, n_mels)
+        x = jax.nn.relu(self.stem_bn(self.stem(x)))
+        for stage in self.stages:
+            for block in stage:
+                if self.remat:
+                    x = nnx.remat(lambda b, y: b(y))(block, x)
+                else:
+                    x = block(x)
+        return x
+
+
+def downsample_audio_mask(frame_mask: jax.Array, n_tokens: int) -> jax.Array:
+    """(B, T) frame mask -> (B, T // coef) token mask, coef = ceil(T / n_tokens): a token is valid when
+    any of its frames is (max-pooling with kernel = stride = coef, as the original)."""
+    b, t = frame_mask.shape
+    coef = -(-t // n_tokens)
+    n_out = t // coef
+    return frame_mask[:, : n_out * coef].reshape(b, n_out, coef).max(-1)
+
+
+def pool_audio_tokens(tokens: jax.Array, mask: jax.Array, n_valid: jax.Array, n_out: int,
+                      strategy: str) -> tuple[jax.Array, jax.Array]:
+    """Reduce (B, N, C) audio tokens to (B, n_out, C) for long-audio evaluation strategies.
+
+    n_valid (B,) is the number of real tokens (audio_STFT_nframes // coef). Items with
+    n_valid <= n_out keep their first n_out tokens ("clip"), as the original does; others are
+    resampled from their first n_valid tokens: nearest (PyTorch legacy nearest), max_pool /
+    avg_pool (adaptive pooling). The mask is the first n_out entries of the token mask.
+    """
+    b, n, c = tokens.shape
+    if strategy == "none" or n <= n_out:
+        return tokens, mask
+    clip_tok, clip_mask = tokens[:, :n_out], mask[:, :n_out]
+    if strategy == "clip":
+        return clip_tok, clip_mask
+    nv = jnp.maximum(n_valid.astype(jnp.int32), 1)[:, None]  # (B, 1)
+    j = jnp.arange(n_out)[None, :]
+    if strategy == "nearest":
+        scale = nv.astype(jnp.float32) / n_out
+        idx = jnp.minimum(jnp.floor(j.astype(jnp.float32) * scale).astype(jnp.int32), nv - 1)
+        pooled = jnp.take_along_axis(tokens, idx[..., None], axis=1)
+    elif strategy in ("max_pool", "avg_pool"):
+        start = (j * nv) // n_out  # (B, n_out)
+        end = -((-(j + 1) * nv) // n_out)
+        pos = jnp.arange(n)[None, None, :]
+        window = (pos >= start[..., None]) & (pos < end[..., None])  # (B, n_out, N)
+        if strategy == "max_pool":
+            vals = jnp.where(window[..., None], tokens[:, None], -jnp.inf)
+            pooled = vals.max(2)
+        else:
+            w = window.astype(tokens.dtype)
+            pooled = jnp.einsum("bon,bnc->boc", w, tokens) / w.sum(-1, keepdims=True)
+    else:
+        raise ValueError(f"model.audio_pooling must be none|clip|nearest|max_pool|avg_pool, got {strategy!r}")
+    use_clip = (n_valid <= n_out)[:, None, None]
+    return jnp.where(use_clip, clip_tok, pooled.astype(tokens.dtype)), clip_mask
