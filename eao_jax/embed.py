@@ -1,0 +1,143 @@
+"""Embeddings for feature arrays: the public Python API and a command line.
+
+  python -m eao_jax.embed --checkpoint=DIR --input=IN.npz --output=OUT.npz [--batch_size=256]
+
+IN holds any of `video, video_mask, text, text_mask, audio, audio_mask[, audio_STFT_nframes]`
+(the layout of the reference `input/*` arrays). OUT holds the L2-normalised embeddings of every
+combination whose modalities are all in IN (`text_embed`, ..., `tv_embed`, ..., `t+v_embed`, ...)
+and the `*_nonempty_input_mask` arrays. The model runs in eval mode (BatchNorm running statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from eao_jax import checkpoint
+from eao_jax.model.eao import SHORT, EverythingAtOnce, l2_normalize
+
+
+def _check_inputs(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray]) -> tuple[dict, int]:
+    present = [m for m in model.modalities if m in inputs]
+    if not present:
+        raise ValueError(f"input holds none of the model's modalities {model.modalities}")
+    arrays, n = {}, None
+    want_dim = {"video": model.token_proj["video"].fc.in_features, "text": model.token_proj["text"].fc.in_features}
+    for m in present:
+        x = np.asarray(inputs[m], np.float32)
+        if f"{m}_mask" not in inputs:
+            raise KeyError(f"input has '{m}' but no '{m}_mask'")
+        mask = np.asarray(inputs[f"{m}_mask"], np.float32)
+        if x.ndim != 3:
+            raise ValueError(f"input '{m}' must have 3 dimensions, got shape {x.shape}")
+        if m == "audio":
+            if x.shape[1] != model.davenet.n_mels:
+                raise ValueError(f"input 'audio' must be (B, {model.davenet.n_mels}, T), got {x.shape}")
+            if x.shape[2] % model.davenet.downsample:
+                raise ValueError(f"input 'audio' length {x.shape[2]} is not a multiple of "
+                                 f"{model.davenet.downsample} STFT frames (one audio token)")
+            want_mask = (x.shape[0], x.shape[2])
+        else:
+            if x.shape[2] != want_dim[m]:
+                raise ValueError(f"input '{m}' has feature dimension {x.shape[2]}, the model expects {want_dim[m]}")
+            want_mask = x.shape[:2]
+        if mask.shape != want_mask:
+            raise ValueError(f"input '{m}_mask' has shape {mask.shape}, expected {want_mask}")
+        for key, arr in ((m, x), (f"{m}_mask", mask)):
+            if not np.isfinite(arr).all():
+                raise ValueError(f"input '{key}' contains NaN or Inf")
+        if n is not None and x.shape[0] != n:
+            raise ValueError(f"input '{m}' has {x.shape[0]} items, other modalities have {n}")
+        n = x.shape[0]
+        arrays[m], arrays[f"{m}_mask"] = x, mask
+    if "audio" in present:
+        nframes = inputs.get("audio_STFT_nframes")
+        arrays["audio_STFT_nframes"] = (np.full((n,), -1, np.int32) if nframes is None
+                                        else np.asarray(nframes, np.int32).reshape(n))
+    # Absent modalities get one empty token so the forward runs; their outputs are dropped.
+    for m in model.modalities:
+        if m not in arrays:
+            if m == "audio":
+                t = model.davenet.downsample
+                arrays["audio"] = np.zeros((n, model.davenet.n_mels, t), np.float32)
+                arrays["audio_mask"] = np.zeros((n, t), np.float32)
+                arrays["audio_STFT_nframes"] = np.full((n,), -1, np.int32)
+            else:
+                arrays[m] = np.zeros((n, 1, want_dim[m]), np.float32)
+                arrays[f"{m}_mask"] = np.zeros((n, 1), np.float32)
+    return arrays, n
+
+
+def _output_names(model: EverythingAtOnce, present: set[str], cross_modal: bool) -> list[str]:
+    names = [f"{m}_embed" for m in model.modalities if m in present]
+    mods = [m for m in model.modalities if m in present]
+    for i, x in enumerate(mods):
+        for y in mods[i + 1:]:
+            if cross_modal:
+                names.append(f"{SHORT[x]}{SHORT[y]}_embed")
+            names.append(f"{SHORT[x]}+{SHORT[y]}_embed")
+    return names + [f"{m}_nonempty_input_mask" for m in mods]
+
+
+def embed(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray], *, batch_size: int = 256
+          ) -> dict[str, np.ndarray]:
+    """L2-normalised embeddings of `inputs` (see module docstring); numpy in, numpy out."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    model.eval()
+    arrays, n = _check_inputs(model, inputs)
+    present = {m for m in model.modalities if m in inputs}
+    cross_modal = not model.per_modality_fusion and len(model.modalities) > 1
+    names = _output_names(model, present, cross_modal)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, batch):
+        out = nnx.merge(graphdef, state)(batch, cross_modal=cross_modal, late_fusion=True)
+        return {k: (v if k.endswith("_mask") else l2_normalize(v)) for k, v in out.items() if k in names}
+
+    bs = min(batch_size, n)
+    chunks = []
+    for start in range(0, n, bs):
+        chunk = {k: v[start:start + bs] for k, v in arrays.items()}
+        real = next(iter(chunk.values())).shape[0]
+        if real < bs:  # pad to a fixed shape: one compilation
+            chunk = {k: np.concatenate([v, np.zeros((bs - real,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
+        out = jax.device_get(forward(state, {k: jnp.asarray(v) for k, v in chunk.items()}))
+        chunks.append({k: v[:real] for k, v in out.items()})
+    return {k: np.concatenate([c[k] for c in chunks]) for k in names}
+
+
+def embed_checkpoint(checkpoint_dir: str, inputs: Mapping[str, np.ndarray], *, step: int | None = None,
+                     batch_size: int = 256) -> dict[str, np.ndarray]:
+    """`embed` with the model restored from an Orbax checkpoint (training or `convert` output)."""
+    model, _, _ = checkpoint.load_model(checkpoint_dir, step)
+    return embed(model, inputs, batch_size=batch_size)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    with np.load(FLAGS.input) as f:
+        inputs = {k.split("/", 1)[1] if k.startswith("input/") else k: f[k] for k in f.files}
+    out = embed_checkpoint(FLAGS.checkpoint, inputs, step=FLAGS.step, batch_size=FLAGS.batch_size)
+    np.savez(FLAGS.output, **out)
+    print(f"wrote {len(out)} arrays for {len(next(iter(out.values())))} items to {FLAGS.output}: "
+          + ", ".join(sorted(out)))
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory (training or convert output).",
+                        required=True)
+    flags.DEFINE_string("input", None, "Input .npz with features and masks.", required=True)
+    flags.DEFINE_string("output", None, "Output .npz for the embeddings.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_integer("batch_size", 256, "Items per forward pass.")
+    app.run(main)
