@@ -1,0 +1,91 @@
+"""Converter errors: each malformed checkpoint fails with a message naming the problem."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eao_jax import checkpoint, convert
+
+
+@pytest.fixture(scope="module")
+def original(data_dir):
+    return torch.load(data_dir / "tva_small.pth", map_location="cpu", weights_only=True)
+
+
+def write(tmp_path, ckpt, name="x.pth"):
+    path = tmp_path / name
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def edited(original, edit):
+    ckpt = dict(original)
+    ckpt["state_dict"] = dict(original["state_dict"])
+    ckpt["config"] = {**original["config"], "arch": {**original["config"]["arch"],
+                                                     "args": dict(original["config"]["arch"]["args"])}}
+    edit(ckpt)
+    return ckpt
+
+
+def test_unexpected_key_is_named(original, tmp_path):
+    ckpt = edited(original, lambda c: c["state_dict"].__setitem__("module.video_extra.weight", torch.zeros(3)))
+    with pytest.raises(convert.ConversionError, match="unexpected keys: video_extra.weight"):
+        convert.convert(write(tmp_path, ckpt), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_key_is_named(original, tmp_path):
+    ckpt = edited(original, lambda c: c["state_dict"].pop("module.audio_proj.cg.fc.bias"))
+    with pytest.raises(convert.ConversionError, match="missing .*proj/audio/cg/bias"):
+        convert.convert(write(tmp_path, ckpt), str(tmp_path / "out"))
+
+
+def test_shape_mismatch_is_named(original, tmp_path):
+    ckpt = edited(original, lambda c: c["state_dict"].__setitem__("module.text_norm_layer.bias", torch.zeros(7)))
+    with pytest.raises(convert.ConversionError, match=r"text_norm_layer.bias \(7,\)"):
+        convert.convert(write(tmp_path, ckpt), str(tmp_path / "out"))
+
+
+def test_head_count_needed_without_config(original, tmp_path):
+    ckpt = edited(original, lambda c: c.pop("config"))
+    path = write(tmp_path, ckpt)
+    with pytest.raises(convert.ConversionError, match="--num_heads"):
+        convert.convert(path, str(tmp_path / "out"))
+    cfg = convert.convert(path, str(tmp_path / "out2"), num_heads=4)
+    assert cfg.model.num_heads == 4
+    assert checkpoint.restore_config(tmp_path / "out2").model.num_heads == 4
+
+
+def test_contradicting_head_count(original, tmp_path):
+    with pytest.raises(convert.ConversionError, match="contradicts"):
+        convert.convert(write(tmp_path, dict(original)), str(tmp_path / "out"), num_heads=8)
+
+
+def test_bare_state_dict_accepted(original, tmp_path):
+    cfg = convert.convert(write(tmp_path, dict(original["state_dict"])), str(tmp_path / "out"), num_heads=4)
+    assert cfg.model.embed_dim == 32
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(convert.ConversionError, match="cannot read torch checkpoint"):
+        convert.convert(str(bad), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError):
+        convert.convert(str(tmp_path / "absent.pth"), str(tmp_path / "out"))
+
+
+def test_unknown_architecture(original, tmp_path):
+    ckpt = edited(original, lambda c: c["config"]["arch"].__setitem__("type", "AVLnetBaselineModel"))
+    with pytest.raises(convert.ConversionError, match="AVLnetBaselineModel"):
+        convert.convert(write(tmp_path, ckpt), str(tmp_path / "out"))
+
+
+def test_command_line(data_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    res = subprocess.run([sys.executable, "-m", "eao_jax.convert", f"--torch_checkpoint={data_dir / 'tva_small.pth'}",
+                          f"--output={out}"], capture_output=True, text=True, check=True)
+    assert "embed_dim=32 depth=1 heads=4" in res.stdout
+    assert checkpoint.latest_step(out) == 78000
