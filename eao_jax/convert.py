@@ -104,7 +104,9 @@ def infer_model_config(state: Mapping[str, np.ndarray], torch_config: Mapping[st
         c.qkv_bias = "fusion.blocks.0.attn.qkv.bias" in state
     c.use_cls_token = "fusion.cls_token" in state
     c.fusion = "per_modality" if any(k.startswith("fusion_video.") for k in state) else "shared"
-    c.cross_modal = c.fusion == "shared" and arch_type == "EverythingAtOnceModel"
+    # The original computes the fused pairs in training only when arch.args.cross_modal (default True) says so.
+    c.cross_modal = (c.fusion == "shared" and arch_type == "EverythingAtOnceModel"
+                     and bool(args.get("cross_modal", True)))
 
     if arch_type == "EverythingAtOnceModel_TV_Only":
         c.modalities = ("text", "video")
@@ -306,11 +308,17 @@ def convert(torch_checkpoint: str, output: str, num_heads: int | None = None) ->
     config = ml_collections.ConfigDict()
     config.model = model_cfg
     config.loss = loss_config()
-    if torch_config is not None:
-        largs = torch_config.get("loss", {}).get("args", {})
+    loss = (torch_config or {}).get("loss")
+    if loss is not None and loss.get("type", "CombinatorialLoss") != "CombinatorialLoss":
+        logging.warning("checkpoint config loss.type=%r is not CombinatorialLoss: keeping the default loss config",
+                        loss.get("type"))
+    elif loss is not None:
+        largs = loss.get("args", {})
+        # CombinatorialLoss's own defaults: every weight 0, NormSoftmax, temperature 0.05.
         for term in config.loss.weights:
-            if f"{term}_weight" in largs:
-                config.loss.weights[term] = float(largs[f"{term}_weight"])
+            config.loss.weights[term] = float(largs.get(f"{term}_weight", 0.0))
+        config.loss.name = str(largs.get("contrastive_loss", "NormSoftmax"))
+        config.loss.temperature = float(largs.get("temperature", 0.05))
     config.source = ml_collections.ConfigDict({
         "torch_checkpoint": str(torch_checkpoint), "arch": str(meta.get("arch")),
         "epoch": int(meta.get("epoch") or 0), "step": int(meta.get("step") or 0)})

@@ -158,7 +158,8 @@ class EverythingAtOnce(nnx.Module):
             fill = (~ne)[:, None] & first[None, :]  # (B, N) slot 0 of empty items
             x = jnp.where(fill[..., None], self.masking_token[...].astype(x.dtype), x)
             mask = mask | fill
-            if self.pos_embed is not None:
+            # The original's TransformerPerModalityModel builds positional embeddings but never adds them.
+            if self.pos_embed is not None and not self.per_modality_fusion:
                 pe = self.pos_embed[m][...]
                 if x.shape[1] > pe.shape[0]:
                     raise ValueError(f"{m} has {x.shape[1]} tokens but the positional embedding covers "
