@@ -1,0 +1,237 @@
+"""HowTo100M training clips (REFERENCE_FACTS §2.9).
+
+Per clip: an 8 s window is drawn uniformly inside the video; the ASR segment covering its start (or
+else its end) is grown with its nearest neighbours until it spans `min_time` seconds; the clip's
+text is the words of the grown span (words of added segments appended at the end), its video the
+2D/3D features of the span ("clip" strategy, 12 tokens), its audio the 768 STFT frames from the span
+start, or, with the text-audio misalignment trick, from [start + min_time/2, start + 3 min_time/2].
+A window that no segment covers has no text (all-zero mask), audio from the window start (not
+shifted) and video of the window.
+
+`clip_from_segment` is the deterministic part (given the segment index); `sample_clip` adds the
+random window; `video_clips` / `fill_clips` build the clips of one video (the pipeline writes them
+straight into the batch arrays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from eao_jax.data import audio as audio_lib
+from eao_jax.data import video as video_lib
+from eao_jax.data.text import WordTable, tokenize
+
+FPS_2D = 1.0
+FPS_3D = 24.0 / 16.0
+CLIP_KEYS = ("video", "video_mask", "text", "text_mask", "audio", "audio_mask")
+
+
+class Caption:
+    """Parallel ASR segment arrays (start (S,), end (S,), text (S,)) with lazily tokenised texts."""
+
+    def __init__(self, caption: Mapping[str, Sequence]):
+        self.start = np.asarray(caption["start"], dtype=np.float64).reshape(-1)
+        self.end = np.asarray(caption["end"], dtype=np.float64).reshape(-1)
+        self.text = caption["text"]
+        if not (len(self.start) == len(self.end) == len(self.text)):
+            raise ValueError(
+                f"caption: start/end/text lengths differ ({len(self.start)}, {len(self.end)}, {len(self.text)})")
+        self._tokens: dict[int, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def tokens(self, i: int) -> list[str]:
+        t = self._tokens.get(i)
+        if t is None:
+            s = self.text[i]
+            if isinstance(s, bytes):
+                s = s.decode("utf-8")
+            t = self._tokens[i] = tokenize(s)
+        return t
+
+
+def grow_segment(caption: Caption, ind: int, min_time: float) -> tuple[float, float, list[str]]:
+    """Grows segment `ind` with neighbours until it spans `min_time` s. Returns (start, end, words)."""
+    n = len(caption)
+    starts, ends = caption.start, caption.end
+    s = e = ind
+    words = list(caption.tokens(ind))
+    diff = ends[e] - starts[s]
+    while diff < min_time:
+        if s > 0 and e < n - 1:
+            d_next = ends[e + 1] - starts[s]
+            d_prev = ends[e] - starts[s - 1]
+            if d_prev <= d_next:  # the neighbour giving the shorter span
+                s -= 1
+                words.extend(caption.tokens(s))
+            else:
+                e += 1
+                words.extend(caption.tokens(e))
+        elif s > 0:
+            s -= 1
+            words.extend(caption.tokens(s))
+        elif e < n - 1:
+            e += 1
+            words.extend(caption.tokens(e))
+        else:
+            break
+        diff = ends[e] - starts[s]
+    return float(starts[s]), float(ends[e]), words
+
+
+def _plan_segment(caption: Caption, ind: int, misaligned: bool, min_time: float):
+    """(start, end, words, audio frame slice) of the clip grown from segment `ind`."""
+    start, end, words = grow_segment(caption, ind, min_time)
+    if misaligned:
+        # The original's backward-shift branch is unreachable ("random > 0"): always +min_time/2.
+        a_start = start + 0.5 * min_time
+        a_end = a_start + min_time
+    else:
+        a_start, a_end = start, end
+    return start, end, words, slice(max(0, audio_lib.time_to_frame(a_start)), audio_lib.time_to_frame(a_end))
+
+
+def _plan_random(caption: Caption, n_frames: int, rng: np.random.Generator, misaligned: bool, min_time: float,
+                 n_stft: int):
+    duration = int(audio_lib.frame_to_time(n_frames))
+    start = rng.random() * max(0, duration - min_time)
+    end = start + min_time
+    if len(caption):
+        starts, ends = caption.start, caption.end
+        i_start = max(0, int(np.searchsorted(starts, start, side="left")) - 1)
+        i_end = max(0, int(np.searchsorted(starts, end, side="left")) - 1)
+        if starts[i_start] <= start <= ends[i_start]:
+            return _plan_segment(caption, i_start, misaligned, min_time)
+        if starts[i_end] <= end <= ends[i_end]:
+            return _plan_segment(caption, i_end, misaligned, min_time)
+    # No narration in the window: empty text, audio from the window start (not shifted).
+    first = max(0, audio_lib.time_to_frame(start))
+    return start, end, None, slice(first, first + n_stft)
+
+
+def _write(out: dict[str, np.ndarray], row: int, plan, mel_spec, features_2d, features_3d, table: WordTable, *,
+           max_words: int, n_stft: int, n_video_tokens: int, fps_2d: float, fps_3d: float) -> int:
+    """Writes one planned clip into row `row` of zero-filled arrays; returns its real audio frames."""
+    start, end, words, frames = plan
+    seg = mel_spec[:, frames]
+    n = min(seg.shape[1], n_stft)
+    np.copyto(out["audio"][row, :, :n], seg[:, :n], casting="same_kind")  # float16 storage -> float32
+    out["audio_mask"][row, :n] = 1.0
+    if words:
+        ids = table.ids(words)[:max_words]  # out-of-vocabulary words dropped before truncation
+        if ids:
+            out["text"][row, :len(ids)] = table.vectors[ids]
+            out["text_mask"][row, :len(ids)] = 1.0
+    f2 = None if features_2d is None else video_lib.time_slice(features_2d, fps_2d, start, end)
+    f3 = None if features_3d is None else video_lib.time_slice(features_3d, fps_3d, start, end)
+    video_lib.video_tokens(f2, f3, n_video_tokens, "clip", out=(out["video"][row], out["video_mask"][row]))
+    return n
+
+
+def _in_grain_worker() -> bool:
+    try:
+        from grain._src.python.dataset.transformations import process_prefetch
+    except ImportError:  # grain internals moved: fall back to plain arrays
+        return False
+    return bool(getattr(process_prefetch, "_is_in_worker_process", False))
+
+
+def _zeros(shape: tuple[int, ...], zeros=np.zeros) -> np.ndarray:
+    return zeros(shape, np.float32)
+
+
+def empty_clips(n: int, *, video_dim: int, text_dim: int, max_words: int = 20, n_stft: int = 768,
+                n_video_tokens: int = 12) -> dict[str, np.ndarray]:
+    """Zero-filled clip arrays for n rows (the batch contract's shapes).
+
+    In a grain worker process they are allocated in shared memory (zero-filled by the OS), which grain
+    hands to the main process without another copy of the batch.
+    """
+    zeros = np.zeros
+    if _in_grain_worker():
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+        zeros = SharedMemoryArray
+    return dict(video=_zeros((n, n_video_tokens, video_dim), zeros), video_mask=_zeros((n, n_video_tokens), zeros),
+                text=_zeros((n, max_words, text_dim), zeros), text_mask=_zeros((n, max_words), zeros),
+                audio=_zeros((n, audio_lib.N_MELS, n_stft), zeros), audio_mask=_zeros((n, n_stft), zeros))
+
+
+def _video_dim(features_2d, features_3d) -> int:
+    return sum(int(f.shape[1]) for f in (features_2d, features_3d) if f is not None)
+
+
+def clip_from_segment(caption: Mapping[str, Sequence], mel_spec: np.ndarray, features_2d: np.ndarray | None,
+                      features_3d: np.ndarray | None, index: int, *, word_vectors: np.ndarray | WordTable,
+                      vocab: Sequence[str] | None = None, misaligned: bool, min_time: float = 8.0,
+                      max_words: int = 20, n_stft: int = 768, n_video_tokens: int = 12) -> dict:
+    """The training clip built around ASR segment `index` (deterministic).
+
+    Args:
+      caption: mapping with parallel `start` (S,), `end` (S,) seconds and `text` (S,) strings.
+      mel_spec: (40, T) log-mel spectrogram at 100 frames/s.
+      features_2d: (T2, D2) at 1/s or None; features_3d: (T3, D3) at 1.5/s or None.
+      index: the segment the clip is grown from.
+      word_vectors: (N, Dt) vectors of `vocab` (N,), or a `WordTable` (then `vocab` is unused).
+      misaligned: take audio from [start + min_time/2, start + 3 min_time/2] (the main model).
+
+    Returns:
+      dict with start, end (seconds of the grown span), text (max_words, Dt), text_mask (max_words,),
+      audio (40, n_stft), audio_mask (n_stft,), video (n_video_tokens, D2 + D3), video_mask
+      (n_video_tokens,), plus nframes (real audio frames) and raw_text (space-joined words incl. OOV).
+    """
+    table = word_vectors if isinstance(word_vectors, WordTable) else WordTable(list(vocab), word_vectors)
+    cap = Caption(caption)
+    if not 0 <= index < len(cap):
+        raise IndexError(f"clip_from_segment: segment index {index} outside [0, {len(cap)})")
+    plan = _plan_segment(cap, int(index), misaligned, min_time)
+    out = empty_clips(1, video_dim=_video_dim(features_2d, features_3d), text_dim=table.dim, max_words=max_words,
+                      n_stft=n_stft, n_video_tokens=n_video_tokens)
+    n = _write(out, 0, plan, mel_spec, features_2d, features_3d, table, max_words=max_words, n_stft=n_stft,
+               n_video_tokens=n_video_tokens, fps_2d=FPS_2D, fps_3d=FPS_3D)
+    res = {k: v[0] for k, v in out.items()}
+    res.update(start=plan[0], end=plan[1], nframes=n, raw_text=" ".join(plan[2]))
+    return res
+
+
+def fill_clips(out: dict[str, np.ndarray], row0: int, caption: Mapping[str, Sequence] | Caption,
+               mel_spec: np.ndarray, features_2d, features_3d, rng: np.random.Generator, table: WordTable,
+               n_clips: int, *, misaligned: bool, min_time: float = 8.0, max_words: int = 20, n_stft: int = 768,
+               n_video_tokens: int = 12, fps_2d: float = FPS_2D, fps_3d: float = FPS_3D) -> list[tuple]:
+    """Writes `n_clips` random clips of one video into rows row0.. of zero-filled clip arrays.
+
+    Returns the (start, end, words or None, audio frame slice) of each clip.
+    """
+    cap = caption if isinstance(caption, Caption) else Caption(caption)
+    plans = []
+    for j in range(n_clips):
+        plan = _plan_random(cap, mel_spec.shape[1], rng, misaligned, min_time, n_stft)
+        _write(out, row0 + j, plan, mel_spec, features_2d, features_3d, table, max_words=max_words, n_stft=n_stft,
+               n_video_tokens=n_video_tokens, fps_2d=fps_2d, fps_3d=fps_3d)
+        plans.append(plan)
+    return plans
+
+
+def sample_clip(caption: Mapping[str, Sequence] | Caption, mel_spec: np.ndarray, features_2d, features_3d,
+                rng: np.random.Generator, table: WordTable, **kw) -> dict:
+    """One random training clip of a video (a uniformly drawn `min_time` window, §2.9)."""
+    out = video_clips(caption, mel_spec, features_2d, features_3d, rng, table, 1, **kw)
+    return {k: v[0] for k, v in out.items()}
+
+
+def video_clips(caption: Mapping[str, Sequence] | Caption, mel_spec: np.ndarray, features_2d, features_3d,
+                rng: np.random.Generator, table: WordTable, n_clips: int, *, max_words: int = 20,
+                n_stft: int = 768, n_video_tokens: int = 12, **kw) -> dict[str, np.ndarray]:
+    """`n_clips` random clips of one video, stacked: video (n, Nv, Dv), text (n, Nt, Dt), audio (n, 40, Ta), ...
+
+    Also audio_STFT_nframes (n,) int32 = -1, as the original sets for HowTo100M.
+    """
+    out = empty_clips(n_clips, video_dim=_video_dim(features_2d, features_3d), text_dim=table.dim,
+                      max_words=max_words, n_stft=n_stft, n_video_tokens=n_video_tokens)
+    fill_clips(out, 0, caption, mel_spec, features_2d, features_3d, rng, table, n_clips, max_words=max_words,
+               n_stft=n_stft, n_video_tokens=n_video_tokens, **kw)
+    out["audio_STFT_nframes"] = np.full((n_clips,), -1, np.int32)
+    return out

@@ -1,0 +1,194 @@
+"""Prepare-time validation of released files and arrays.
+
+Every check raises `BadItem` naming the item, the file and the reason. Builders either turn it into a
+`PrepareError` (the default: the prepare stops, nothing is written) or, with `skip_bad`, record it in
+a `Report` that is written next to the dataset (`prepare_report.json`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+from typing import Any
+
+import numpy as np
+
+N_MELS = 40
+REPORT_FILE = "prepare_report.json"
+
+# Reasons (the keys of the report's counts).
+MISSING_FILE = "missing file"
+UNREADABLE = "unreadable or truncated file"
+MISSING_KEY = "missing key"
+WRONG_SHAPE = "wrong array shape"
+WRONG_DIM = "wrong feature dimension"
+NON_FINITE = "NaN or Inf values"
+EMPTY_SPEC = "empty spectrogram"
+EMPTY_FEATURES = "empty features"
+EMPTY_CAPTION = "empty caption"
+NO_CAPTION = "no caption"
+BAD_ANNOTATION = "bad annotation"
+
+
+class BadItem(ValueError):
+    """One item of a released dataset is unusable."""
+
+    def __init__(self, reason: str, item: str, file: str | os.PathLike | None, detail: str = ""):
+        self.reason, self.item, self.detail = reason, str(item), detail
+        self.file = None if file is None else os.fspath(file)
+        msg = f"{reason}: item {self.item!r}"
+        if self.file:
+            msg += f", file {self.file}"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+
+
+class PrepareError(ValueError):
+    """A prepare stopped on bad input (rerun with --skip_bad to skip and count such items)."""
+
+
+class Report:
+    """Counts and lists the skipped items of a prepare, per split."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.written: collections.Counter = collections.Counter()
+        self.notes: list[str] = []
+
+    def skip(self, split: str, err: BadItem) -> None:
+        self.items.append(dict(split=split, item=err.item, file=err.file, reason=err.reason, detail=err.detail))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for it in self.items:
+            out.setdefault(it["split"], collections.Counter())[it["reason"]] += 1
+        return {s: dict(c) for s, c in out.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(written=dict(self.written), skipped=self.counts(), skipped_items=self.items, notes=self.notes)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(tmp, path)
+
+
+def load_npz_key(path: str | os.PathLike, key: str, item: str) -> np.ndarray:
+    """`np.load(path)[key]`, with missing / truncated files and missing keys reported as `BadItem`."""
+    if not os.path.exists(path):
+        raise BadItem(MISSING_FILE, item, path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if key not in z.files:
+                raise BadItem(MISSING_KEY, item, path, f"no key {key!r} (has {z.files})")
+            return z[key]
+    except BadItem:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, zlib.error, OSError ...
+        raise BadItem(UNREADABLE, item, path, f"{type(e).__name__}: {e}") from None
+
+
+def load_npy(path: str | os.PathLike, item: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise BadItem(MISSING_FILE, item, path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise BadItem(UNREADABLE, item, path, f"{type(e).__name__}: {e}") from None
+
+
+def _finite(arr: np.ndarray, what: str, item: str, file) -> None:
+    if arr.size and not np.isfinite(arr).all():
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise BadItem(NON_FINITE, item, file, f"{what} has {bad} non-finite values")
+
+
+def check_features(arr: Any, what: str, item: str, file, dim: int | None, dtype: np.dtype | str) -> np.ndarray:
+    """Validates a (T, D) feature array and casts it to the storage dtype.
+
+    Errors: not 2-D, D != dim (when dim is given), T == 0, NaN/Inf (also after the cast, so float32
+    values beyond the float16 range are caught).
+    """
+    arr = as_numpy(arr, what, item, file)
+    if arr.ndim != 2:
+        raise BadItem(WRONG_SHAPE, item, file, f"{what} must be (T, D), got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise BadItem(WRONG_DIM, item, file, f"{what} has dimension {arr.shape[1]}, expected {dim}")
+    if arr.shape[0] == 0:
+        raise BadItem(EMPTY_FEATURES, item, file, f"{what} has no time steps")
+    if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+        raise BadItem(WRONG_SHAPE, item, file, f"{what} has non-numeric dtype {arr.dtype}")
+    _finite(arr, what, item, file)
+    with np.errstate(over="ignore"):  # overflow shows up as inf, reported just below
+        out = arr.astype(dtype, copy=False)
+    _finite(out, f"{what} (as {np.dtype(dtype).name})", item, file)
+    return np.ascontiguousarray(out)
+
+
+def check_spectrogram(arr: Any, item: str, file, dtype: np.dtype | str) -> np.ndarray:
+    """Validates a (40, T) log-mel spectrogram (T > 0, finite) and casts it to the storage dtype."""
+    arr = as_numpy(arr, "spectrogram", item, file)
+    if arr.ndim != 2 or arr.shape[0] != N_MELS:
+        raise BadItem(WRONG_SHAPE, item, file, f"spectrogram must be ({N_MELS}, T), got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise BadItem(EMPTY_SPEC, item, file, "spectrogram has 0 frames")
+    _finite(arr, "spectrogram", item, file)
+    with np.errstate(over="ignore"):
+        out = arr.astype(dtype, copy=False)
+    _finite(out, f"spectrogram (as {np.dtype(dtype).name})", item, file)
+    return np.ascontiguousarray(out)
+
+
+def check_caption(text: Any, item: str, file) -> str:
+    if text is None:
+        raise BadItem(NO_CAPTION, item, file)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    text = str(text)
+    if not text.strip():
+        raise BadItem(EMPTY_CAPTION, item, file)
+    return text
+
+
+def as_numpy(x: Any, what: str, item: str, file) -> np.ndarray:
+    """numpy view of an array or a torch tensor (the released pickles store spectrograms as tensors)."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except Exception as e:
+        raise BadItem(WRONG_SHAPE, item, file, f"{what} is not an array ({type(x).__name__}: {e})") from None
+
+
+class _TorchAwareUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] == "torch":
+            try:
+                import torch  # noqa: F401  (only when the pickle really holds torch objects)
+            except ModuleNotFoundError:
+                raise ModuleNotFoundError(
+                    f"{self._path}: this pickle stores torch tensors (the released MSR-VTT/YouCook2 pickles "
+                    "keep spectrograms as torch.FloatTensor); install torch to read it: "
+                    "pip install 'eao_jax[torch]'") from None
+        return super().find_class(module, name)
+
+
+def load_pickle(path: str | os.PathLike) -> Any:
+    """Unpickles a released file; torch is imported only if the pickle holds torch objects."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        up = _TorchAwareUnpickler(f)
+        up._path = path
+        try:
+            return up.load()
+        except ModuleNotFoundError:
+            raise
+        except Exception as e:
+            raise PrepareError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None

@@ -1,0 +1,136 @@
+"""Video tokens from 2D (1 feature/s) and 3D (1.5 features/s) features (REFERENCE_FACTS §2.1, §2.10).
+
+Strategies, for `n_tokens` output tokens:
+  clip      2D is nearest-resampled to the 3D length, each part L2-normalised, [2D | 3D] concatenated,
+            the first `n_tokens` kept and zero-padded. An empty 2D or 3D slice gives an empty video.
+  nearest   if there are more than `n_tokens` 3D features, 2D and 3D are each nearest-resampled to
+            `n_tokens` (2D is not first matched to the 3D rate); otherwise "clip".
+  max_pool  k = floor(T / n_tokens) per part, non-overlapping max-pool (kernel = stride = k, floor
+            mode), then "nearest"; falls back to "clip" when T3 <= n_tokens and to "nearest" when k <= 1.
+Single-backbone inputs (S3D: 3D only; CLIP: 2D only) skip the 2D->3D resampling. (The original's
+nearest / max_pool paths pass a lone 2D tensor as both parts, doubling its width; that only crashes a
+model of the right width, so here a single backbone is always treated as one part.)
+
+"Nearest" is PyTorch's legacy rule: source index min(floor(i * s), T_in - 1) with s = T_in / T_out
+computed in float32, and the exact cases T_out == T_in and T_out == 2 * T_in special-cased.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STRATEGIES = ("clip", "nearest", "max_pool")
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out,) int64 source indices of PyTorch's legacy 'nearest' interpolation."""
+    if n_out == n_in:
+        return np.arange(n_out)
+    if n_out == 2 * n_in:
+        return np.arange(n_out) >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, n_in - 1)
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise x / max(||x||, eps), float32 (torch.nn.functional.normalize)."""
+    y = np.array(x, dtype=np.float32)  # a float32 copy, normalised in place
+    norm = np.sqrt(np.einsum("ij,ij->i", y, y))
+    y /= np.maximum(norm, np.float32(eps))[:, None]
+    return y
+
+
+def _max_pool(x: np.ndarray, k: int) -> np.ndarray:
+    n = x.shape[0] // k
+    return x[: n * k].reshape(n, k, x.shape[1]).max(axis=1)
+
+
+def video_tokens(feat_2d: np.ndarray | None, feat_3d: np.ndarray | None, n_tokens: int,
+                 strategy: str = "clip", out: tuple[np.ndarray, np.ndarray] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Builds video tokens.
+
+    Args:
+      feat_2d: (T2, D2) features at 1/s, or None when the backbone is not used.
+      feat_3d: (T3, D3) features at 1.5/s (S3D: 1/s), or None.
+      n_tokens: number of output tokens Nv.
+      strategy: "clip" | "nearest" | "max_pool".
+      out: optional zero-filled (video (Nv, D2 + D3), mask (Nv,)) float32 arrays to write into.
+
+    Returns:
+      video (Nv, D2 + D3) float32 (zeros where masked) and mask (Nv,) float32.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"video strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if feat_2d is None and feat_3d is None:
+        raise ValueError("video_tokens: need 2D or 3D features")
+    if feat_2d is None or feat_3d is None:
+        return _single(feat_3d if feat_2d is None else feat_2d, n_tokens, strategy, out)
+    n2, n3 = feat_2d.shape[0], feat_3d.shape[0]
+    d2, d3 = feat_2d.shape[1], feat_3d.shape[1]
+    if strategy == "max_pool" and not (n3 <= n_tokens or n2 == 0):
+        k3, k2 = n3 // n_tokens, n2 // n_tokens
+        if k2 > 1 and k3 > 1:
+            feat_2d, feat_3d = _max_pool(feat_2d, k2), _max_pool(feat_3d, k3)
+            n2, n3 = feat_2d.shape[0], feat_3d.shape[0]
+        strategy = "nearest"
+    video, mask = _outputs(out, n_tokens, d2 + d3)
+    if strategy == "nearest" and not (n3 <= n_tokens or n2 == 0):
+        video[:, :d2] = l2_normalize(feat_2d[nearest_indices(n2, n_tokens)])
+        video[:, d2:] = l2_normalize(feat_3d[nearest_indices(n3, n_tokens)])
+        mask[:] = 1.0
+        return video, mask
+    # "clip"
+    if n2 == 0 or n3 == 0:
+        return video, mask
+    m = min(n3, n_tokens)
+    # Only the first m of the 2D sequence resampled to length n3 are needed.
+    idx2 = nearest_indices(n2, n3)[:m]
+    video[:m, :d2] = l2_normalize(feat_2d[idx2])
+    video[:m, d2:] = l2_normalize(feat_3d[:m])
+    mask[:m] = 1.0
+    return video, mask
+
+
+def _outputs(out, n_tokens: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    if out is None:
+        return np.zeros((n_tokens, d), np.float32), np.zeros((n_tokens,), np.float32)
+    video, mask = out
+    if video.shape != (n_tokens, d) or mask.shape != (n_tokens,):
+        raise ValueError(f"video_tokens: out arrays {video.shape}, {mask.shape} do not fit ({n_tokens}, {d})")
+    return video, mask
+
+
+def _single(feat: np.ndarray, n_tokens: int, strategy: str, out=None) -> tuple[np.ndarray, np.ndarray]:
+    n, d = feat.shape
+    if strategy == "max_pool" and n > n_tokens:
+        k = n // n_tokens
+        if k > 1:
+            feat = _max_pool(feat, k)
+            n = feat.shape[0]
+        strategy = "nearest"
+    video, mask = _outputs(out, n_tokens, d)
+    if strategy == "nearest" and n > n_tokens:
+        video[:] = l2_normalize(feat[nearest_indices(n, n_tokens)])
+        mask[:] = 1.0
+        return video, mask
+    m = min(n, n_tokens)
+    if m:
+        video[:m] = l2_normalize(feat[:m])
+        mask[:m] = 1.0
+    return video, mask
+
+
+def time_slice(features: np.ndarray, fps: float, start: float, end: float,
+               accurate_borders: bool = False) -> np.ndarray:
+    """Features of [start, end] seconds at `fps` features/s.
+
+    Training clips use the original's indices int(start*fps) to int(end*fps)+1; localisation windows
+    use floor(start*fps) to ceil(end*fps) ("accurate borders").
+    """
+    if accurate_borders:
+        a, b = int(np.floor(start * fps)), int(np.ceil(end * fps))
+    else:
+        a, b = int(start * fps), int(end * fps) + 1
+    return features[a:b]

@@ -1,0 +1,153 @@
+r"""Builds a TFDS dataset (ArrayRecord) from the released files, validating every item once.
+
+  python -m eao_jax.prepare --dataset=NAME --manual_dir=RELEASED_FILES --data_dir=OUT \
+      [--word2vec=GoogleNews-vectors-negative300.bin] [--config=resnet] [--skip_bad]
+
+Datasets: howto100m, msrvtt, youcook2, crosstask, mining_youtube, synthetic (no manual_dir). The
+released layouts are described in each builder's docstring (tfds_builders/<name>/); file locations
+can be moved with --csv, --caption_path, --features_path, --features_path_3d, --features_path_audio,
+--annot_path, --steps_path, --resnet_dir, --s3d_dir, --clip_dir (those the builder accepts).
+
+Validation: a missing or truncated file, a wrong feature dimension, NaN/Inf values, an empty
+spectrogram or feature array, an empty caption or a malformed annotation stops the prepare with an
+error naming the file and the item. With --skip_bad such items are skipped and counted in
+`prepare_report.json` next to the dataset. Records are written to a temporary directory that is
+renamed when complete, so an interrupted prepare leaves no half dataset (leftover temporary
+directories of a killed prepare are removed by the next one). Preparing again is idempotent: an
+existing dataset is kept; only a missing word-vector table is added when --word2vec is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+from absl import app, flags
+
+PATH_FLAGS = ("csv", "caption_path", "features_path", "features_path_3d", "features_path_audio", "annot_path",
+              "steps_path", "resnet_dir", "s3d_dir", "clip_dir")
+
+
+def _parse_dims(s: str | None) -> tuple[int | None, int | None] | None:
+    if not s:
+        return None
+    parts = [p.strip().lower() for p in s.split(",")]
+    if len(parts) != 2:
+        raise ValueError(f"--feature_dims must be 'D2,D3' (use 'none' for an unused slot), got {s!r}")
+    return tuple(None if p in ("", "none") else int(p) for p in parts)  # type: ignore[return-value]
+
+
+def _remove_stale_incomplete(builder) -> list[str]:
+    """Removes `incomplete.*_<version>` directories a killed prepare left beside the dataset."""
+    parent = os.fspath(builder.data_path.parent)
+    removed = []
+    if os.path.isdir(parent):
+        suffix = "_" + builder.data_path.name
+        for d in os.listdir(parent):
+            if d.startswith("incomplete.") and d.endswith(suffix):
+                shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
+def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None, *,
+            config: str | None = None, word2vec: str | os.PathLike | None = None, skip_bad: bool = False,
+            paths: dict[str, str] | None = None, feature_dims: tuple[int | None, int | None] | None = None,
+            progress: bool = False) -> dict[str, Any]:
+    """Prepares one dataset (see the module docstring). Returns the summary dict that `main` prints.
+
+    Summary keys: dataset, path, status ("prepared" | "exists"), written {split: n},
+    skipped {split: {reason: n}}, report (path of prepare_report.json), notes, word_table.
+    """
+    import tensorflow_datasets as tfds
+
+    import tfds_builders
+    from eao_jax.data import text as text_lib
+    from eao_jax.data import validate as V
+
+    cls = tfds_builders.builder_class(dataset)
+    builder = cls(data_dir=os.fspath(data_dir), config=config, file_format="array_record", word2vec=word2vec,
+                  skip_bad=skip_bad, paths={k: v for k, v in (paths or {}).items() if v},
+                  feature_dims=feature_dims)
+    path = os.fspath(builder.data_path)
+    status = "exists"
+    notes: list[str] = []
+    if not builder.data_path.exists():
+        status = "prepared"
+        removed = _remove_stale_incomplete(builder)
+        if removed:
+            notes.append(f"removed leftovers of an interrupted prepare: {removed}")
+        if dataset != "synthetic" and manual_dir is None:
+            raise ValueError(f"--manual_dir is required for {dataset}")
+        tfds.display_progress_bar(progress)
+        dl_config = tfds.download.DownloadConfig(
+            manual_dir=None if manual_dir is None else os.fspath(manual_dir), try_download_gcs=False)
+        builder.download_and_prepare(download_config=dl_config)
+    table_path = os.path.join(path, text_lib.WORD_VECTORS_FILE)
+    if status == "exists" and word2vec is not None and not os.path.exists(table_path):
+        tokens = text_lib.read_tokens(os.path.join(path, text_lib.TOKENS_FILE))
+        text_lib.build_word_table(word2vec, tokens).save(table_path)
+        notes.append(f"added the word-vector table from {word2vec}")
+    report_path = os.path.join(path, V.REPORT_FILE)
+    with open(report_path) as f:
+        report = json.load(f)
+    table = None
+    if os.path.exists(table_path):
+        t = text_lib.WordTable.load(table_path)
+        table = dict(words=len(t), dim=t.dim)
+    return dict(dataset=dataset, path=path, status=status, written=report["written"], skipped=report["skipped"],
+                report=report_path, notes=report["notes"] + notes, word_table=table)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"{s['dataset']}: {'prepared' if s['status'] == 'prepared' else 'already prepared'} at {s['path']}"]
+    for split, n in s["written"].items():
+        skipped = s["skipped"].get(split, {})
+        why = ", ".join(f"{k}: {v}" for k, v in skipped.items())
+        lines.append(f"  {split}: {n} items written, {sum(skipped.values())} skipped" + (f" ({why})" if why else ""))
+    if s["skipped"]:
+        lines.append(f"  skipped items are listed in {s['report']}")
+    for n in s["notes"]:
+        lines.append(f"  note: {n}")
+    t = s["word_table"]
+    lines.append(f"  word table: {t['words']} words x {t['dim']}" if t else "  word table: none")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("dataset", None, "howto100m | msrvtt | youcook2 | crosstask | mining_youtube | synthetic")
+    flags.DEFINE_string("manual_dir", None, "directory holding the released files")
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir to write to")
+    flags.DEFINE_string("word2vec", None, "word2vec binary file (GoogleNews layout) for the vocabulary table")
+    flags.DEFINE_string("config", None, "builder config (e.g. resnet, s3d, clip; synthetic: tiny, default)")
+    flags.DEFINE_bool("skip_bad", False, "skip unusable items and count them in prepare_report.json")
+    flags.DEFINE_string("feature_dims", None, "expected 'D2,D3' feature widths overriding the config's")
+    for name in PATH_FLAGS:
+        flags.DEFINE_string(name, None, f"location of the released `{name}` (relative to --manual_dir or absolute)")
+    flags.mark_flags_as_required(["dataset", "data_dir"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from eao_jax.data.validate import PrepareError
+
+    try:
+        summary = prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir, config=FLAGS.config,
+                          word2vec=FLAGS.word2vec, skip_bad=FLAGS.skip_bad,
+                          paths={k: getattr(FLAGS, k) for k in PATH_FLAGS},
+                          feature_dims=_parse_dims(FLAGS.feature_dims), progress=True)
+    except (PrepareError, FileNotFoundError, ValueError) as e:
+        print(f"prepare failed: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

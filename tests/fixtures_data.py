@@ -1,0 +1,155 @@
+"""Writers of tiny fixtures in the released file layouts (HowTo100M, MSR-VTT/YouCook2 pickles,
+CrossTask / Mining YouTube, word2vec binary), for the builder and pipeline tests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import pickle
+from collections.abc import Sequence
+
+import numpy as np
+
+WORDS = ("cut", "the", "onion", "add", "salt", "stir", "pan", "heat", "oil", "mix", "don't", "we")
+
+
+def write_word2vec(path: os.PathLike, words: Sequence[str], vectors: np.ndarray, newline: bool = True) -> None:
+    """GoogleNews binary layout: "<count> <dim>\\n", then word, space, float32 LE vector, newline."""
+    vectors = np.asarray(vectors, "<f4")
+    with open(path, "wb") as f:
+        f.write(f"{len(words)} {vectors.shape[1]}\n".encode())
+        for w, v in zip(words, vectors, strict=True):
+            f.write(w.encode("utf-8") + b" " + v.tobytes() + (b"\n" if newline else b""))
+
+
+def word2vec_fixture(tmp: pathlib.Path, dim: int = 7, seed: int = 0) -> tuple[pathlib.Path, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    vecs = rng.standard_normal((len(WORDS), dim)).astype(np.float32)
+    path = tmp / "w2v.bin"
+    write_word2vec(path, WORDS, vecs)
+    return path, dict(zip(WORDS, vecs, strict=True))
+
+
+def sentence(rng: np.random.Generator, n: int) -> str:
+    vocab = list(WORDS) + ["OOV", "zzz"]
+    return " ".join(rng.choice(vocab, size=n))
+
+
+def random_video(rng: np.random.Generator, seconds: int, d2: int, d3: int, fps_3d: float = 1.5) -> dict:
+    return dict(f2=rng.standard_normal((seconds, d2)).astype(np.float32),
+                f3=rng.standard_normal((int(seconds * fps_3d), d3)).astype(np.float32),
+                spec=(rng.standard_normal((40, 100 * seconds)) - 3).astype(np.float32))
+
+
+def write_howto(manual: pathlib.Path, n_videos: int = 4, *, d2: int = 6, d3: int = 5, seed: int = 0,
+                fallback_paths: bool = False) -> dict[str, dict]:
+    """HowTo100M layout under `manual`: csv, caption.pickle, features/…_2d/_3d.npz, audio_features/…_spec.npz.
+
+    Returns video_id -> dict(path, f2, f3, spec, caption) of what was written.
+    """
+    rng = np.random.default_rng(seed)
+    manual.mkdir(parents=True, exist_ok=True)
+    videos, captions = {}, {}
+    for i in range(n_videos):
+        vid = f"vid{i:03d}"
+        path = f"cat_{i % 2}/video_{i}/{vid}"
+        v = random_video(rng, int(rng.integers(20, 40)), d2, d3)
+        n_seg = int(rng.integers(2, 6))
+        starts = np.sort(rng.uniform(0, len(v["f2"]) - 4, n_seg))
+        cap = dict(start=starts, end=starts + rng.uniform(1, 4, n_seg),
+                   text=[sentence(rng, int(rng.integers(1, 6))) for _ in range(n_seg)])
+        captions[vid] = cap
+        v.update(path=path, caption=cap)
+        videos[vid] = v
+        d = manual / "features" / path
+        d.mkdir(parents=True, exist_ok=True)
+        if fallback_paths and i == 0:
+            np.savez(manual / "features" / f"{path}_2d.npz", features=v["f2"])
+            np.savez(d / f"{vid}.npz", features=v["f3"])
+        else:
+            np.savez(d / f"{vid}_2d.npz", features=v["f2"])
+            np.savez(d / f"{vid}_3d.npz", features=v["f3"])
+        a = manual / "audio_features" / path
+        a.mkdir(parents=True, exist_ok=True)
+        np.savez(a / f"{vid}_spec.npz", v["spec"].astype(np.float16))
+    with open(manual / "HowTo100M_1166_videopaths.txt", "w") as f:
+        f.write("path\n")
+        for i, v in enumerate(videos.values()):
+            f.write(("None/" if i == 1 else "") + v["path"] + "\n")
+    with open(manual / "caption.pickle", "wb") as f:
+        pickle.dump(captions, f)
+    return videos
+
+
+def howto_file(manual: pathlib.Path, videos: dict, vid: str, kind: str) -> pathlib.Path:
+    """Path of one released file of a HowTo fixture video (kind: 2d, 3d, spec)."""
+    p = videos[vid]["path"]
+    if kind == "spec":
+        return manual / "audio_features" / p / f"{vid}_spec.npz"
+    return manual / "features" / p / f"{vid}_{kind}.npz"
+
+
+def item_list(n: int, *, d2: int = 6, d3: int = 5, seed: int = 0, key_2d: str = "2d", key_3d: str = "3d",
+              torch_audio: bool = False, eval_caption: bool = True) -> list[dict]:
+    """Items in the released MSR-VTT / YouCook2 pickle layout."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        v = random_video(rng, int(rng.integers(5, 40)), d2, d3)
+        audio = v["spec"]
+        if torch_audio:
+            import torch
+
+            audio = torch.from_numpy(audio)
+        it = {"id": f"clip{i}", key_2d: v["f2"], key_3d: v["f3"], "audio": audio,
+              "caption": [sentence(rng, int(rng.integers(2, 8))) for _ in range(3)]}
+        if eval_caption:
+            it["eval_caption"] = sentence(rng, int(rng.integers(2, 8)))
+        items.append(it)
+    return items
+
+
+def write_pickle(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def write_localization(manual: pathlib.Path, n_videos: int = 3, *, mining: bool = False, d2: int = 6, d3: int = 5,
+                       seed: int = 0) -> dict[str, dict]:
+    """CrossTask (or Mining YouTube) layout: videos.csv, features/*.npy, audio/*.npz, annotations/, steps.json."""
+    rng = np.random.default_rng(seed)
+    for sub in ("features", "audio", "annotations"):
+        (manual / sub).mkdir(parents=True, exist_ok=True)
+    steps_by_task = {"t1": ["cut onion", "add salt", "stir the pan"], "t2": ["heat oil", "mix"]}
+    videos, steps_json, rows = {}, {}, []
+    for i in range(n_videos):
+        vid = f"v{i}"
+        task = "t1" if i % 2 == 0 else "t2"
+        v = random_video(rng, int(rng.integers(10, 20)), d2, d3)
+        steps = steps_by_task[task] if not mining else [sentence(rng, 3) for _ in range(int(rng.integers(2, 4)))]
+        ann = np.zeros((len(v["f2"]), len(steps)), np.float32)
+        for k in range(len(steps)):
+            a = int(rng.integers(0, len(v["f2"]) - 2))
+            ann[a:a + 2, k] = 1
+        np.save(manual / "features" / f"{vid}_2d.npy", v["f2"])
+        if i == 0:
+            np.savez(manual / "features" / f"{vid}.npz", features=v["f3"])  # the fallback file
+        else:
+            np.save(manual / "features" / f"{vid}_3d.npy", v["f3"])
+        np.savez(manual / "audio" / f"{vid}.npz", v["spec"])
+        np.save(manual / "annotations" / (f"{vid}.npy" if mining else f"{task}_{vid}.npy"), ann)
+        steps_json[vid if mining else task] = steps
+        rows.append((vid, task))
+        v.update(task=task, steps=steps, annotation=ann)
+        videos[vid] = v
+    with open(manual / "steps.json", "w") as f:
+        json.dump(steps_json, f)
+    with open(manual / "videos.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video_id"] if mining else ["video_id", "task"])
+        for vid, task in rows:
+            w.writerow([vid] if mining else [vid, task])
+    return videos

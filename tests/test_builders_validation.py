@@ -1,0 +1,221 @@
+"""Prepare-time validation: every bad-input rule, --skip_bad reports, idempotence, interrupted prepares."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from fixtures_data import howto_file, item_list, word2vec_fixture, write_howto, write_localization, write_pickle
+
+from eao_jax.data.dataset import PreparedDataset
+from eao_jax.data.validate import PrepareError, load_pickle
+from eao_jax.prepare import prepare
+
+
+def _howto(tmp_path, n=3, seed=0):
+    videos = write_howto(tmp_path / "m", n_videos=n, seed=seed)
+    return videos, list(videos)
+
+
+def _prep_howto(tmp_path, **kw):
+    return prepare("howto100m", tmp_path / "d", tmp_path / "m", config="resnet_fp32", feature_dims=(6, 5), **kw)
+
+
+def _no_dataset_left(tmp_path):
+    root = tmp_path / "d" / "howto100m" / "resnet_fp32"
+    return not root.exists() or not [d for d in os.listdir(root) if not d.startswith(".")]
+
+
+def test_missing_file(tmp_path):
+    videos, ids = _howto(tmp_path)
+    f = howto_file(tmp_path / "m", videos, ids[1], "3d")
+    f.unlink()
+    with pytest.raises(PrepareError, match=rf"missing file: item '{ids[1]}', file .*{ids[1]}\.npz"):
+        _prep_howto(tmp_path)
+    assert _no_dataset_left(tmp_path)
+
+
+def test_truncated_file(tmp_path):
+    videos, ids = _howto(tmp_path)
+    f = howto_file(tmp_path / "m", videos, ids[2], "spec")
+    f.write_bytes(f.read_bytes()[:300])
+    with pytest.raises(PrepareError, match=rf"unreadable or truncated file: item '{ids[2]}', file {f}"):
+        _prep_howto(tmp_path)
+    assert _no_dataset_left(tmp_path)
+
+
+def test_wrong_feature_dimension(tmp_path):
+    videos, ids = _howto(tmp_path)
+    f = howto_file(tmp_path / "m", videos, ids[0], "2d")
+    np.savez(f, features=np.ones((30, 7), np.float32))
+    with pytest.raises(PrepareError, match=rf"wrong feature dimension: item '{ids[0]}', file {f}: 2D features has "
+                                           "dimension 7, expected 6"):
+        _prep_howto(tmp_path)
+
+
+def test_inferred_dimension_is_enforced(tmp_path):
+    videos, ids = _howto(tmp_path)
+    np.savez(howto_file(tmp_path / "m", videos, ids[2], "3d"), features=np.ones((30, 4), np.float32))
+    with pytest.raises(PrepareError, match=rf"item '{ids[2]}'.*3D features has dimension 4, expected 5"):
+        # no expected width for 3D: the first item's width (5) is enforced on the others
+        prepare("howto100m", tmp_path / "d", tmp_path / "m", config="resnet_fp32", feature_dims=(6, None))
+
+
+@pytest.mark.parametrize("kind,value", [("2d", np.nan), ("3d", np.inf), ("spec", -np.inf)])
+def test_non_finite_values(tmp_path, kind, value):
+    videos, ids = _howto(tmp_path)
+    f = howto_file(tmp_path / "m", videos, ids[1], kind)
+    with np.load(f) as z:
+        key = z.files[0]
+        arr = z[key].copy()
+    arr.flat[5] = value
+    np.savez(f, **{key: arr})
+    with pytest.raises(PrepareError, match=rf"NaN or Inf values: item '{ids[1]}', file {f}"):
+        _prep_howto(tmp_path)
+
+
+def test_float16_overflow_is_caught(tmp_path):
+    videos, ids = _howto(tmp_path)
+    f = howto_file(tmp_path / "m", videos, ids[0], "2d")
+    np.savez(f, features=np.full((30, 6), 1e6, np.float32))  # finite in float32, inf in float16
+    with pytest.raises(PrepareError, match=r"NaN or Inf values.*2D features \(as float16\)"):
+        prepare("howto100m", tmp_path / "d", tmp_path / "m", feature_dims=(6, 5))
+
+
+def test_empty_spectrogram(tmp_path):
+    videos, ids = _howto(tmp_path)
+    f = howto_file(tmp_path / "m", videos, ids[0], "spec")
+    np.savez(f, np.zeros((40, 0), np.float16))
+    with pytest.raises(PrepareError, match=rf"empty spectrogram: item '{ids[0]}', file {f}"):
+        _prep_howto(tmp_path)
+
+
+def test_video_without_caption(tmp_path):
+    videos, ids = _howto(tmp_path)
+    caps = load_pickle(tmp_path / "m" / "caption.pickle")
+    del caps[ids[2]]
+    write_pickle(tmp_path / "m" / "caption.pickle", caps)
+    with pytest.raises(PrepareError, match=rf"no caption: item '{ids[2]}', file .*caption.pickle"):
+        _prep_howto(tmp_path)
+
+
+def test_empty_caption_and_nan_in_pickles(tmp_path):
+    items = item_list(4)
+    items[2]["eval_caption"] = "  "
+    write_pickle(tmp_path / "m" / "msrvtt_jsfusion_test.pkl", items)  # the flat layout is accepted too
+    with pytest.raises(PrepareError, match=r"msrvtt/test: empty caption: item 'clip2', file .*msrvtt_jsfusion_test"):
+        prepare("msrvtt", tmp_path / "d", tmp_path / "m", feature_dims=(6, 5))
+    items[2]["eval_caption"] = "cut the onion"
+    items[3]["3d"][0, 0] = np.nan
+    write_pickle(tmp_path / "m" / "msrvtt_jsfusion_test.pkl", items)
+    with pytest.raises(PrepareError, match=r"NaN or Inf values: item 'clip3'.*3D features has 1 non-finite"):
+        prepare("msrvtt", tmp_path / "d", tmp_path / "m", feature_dims=(6, 5))
+
+
+def test_bad_annotation(tmp_path):
+    write_localization(tmp_path / "m", n_videos=3)
+    np.save(tmp_path / "m" / "annotations" / "t2_v1.npy", np.ones((12, 5), np.float32))  # t2 has 2 steps
+    with pytest.raises(PrepareError, match=r"bad annotation: item 'v1', file .*t2_v1\.npy: annotation must be "
+                                           r"\(T > 0, K = 2 steps\)"):
+        prepare("crosstask", tmp_path / "d", tmp_path / "m", feature_dims=(6, 5))
+
+
+def test_skip_bad_writes_a_counted_report(tmp_path):
+    videos, ids = write_howto(tmp_path / "m", n_videos=6), None
+    ids = list(videos)
+    howto_file(tmp_path / "m", videos, ids[0], "3d").unlink()
+    f = howto_file(tmp_path / "m", videos, ids[2], "2d")
+    f.write_bytes(f.read_bytes()[:100])
+    np.savez(howto_file(tmp_path / "m", videos, ids[3], "spec"), np.zeros((40, 0), np.float16))
+    np.savez(howto_file(tmp_path / "m", videos, ids[4], "2d"), features=np.full((9, 6), np.nan, np.float32))
+    s = _prep_howto(tmp_path, skip_bad=True)
+    assert s["written"] == {"train": 2}
+    assert s["skipped"] == {"train": {"missing file": 1, "unreadable or truncated file": 1, "empty spectrogram": 1,
+                                      "NaN or Inf values": 1}}
+    report = json.loads(open(s["report"]).read())
+    assert os.path.dirname(s["report"]) == s["path"]
+    assert sorted(it["item"] for it in report["skipped_items"]) == sorted([ids[0], ids[2], ids[3], ids[4]])
+    assert all(it["file"] for it in report["skipped_items"])
+    ds = PreparedDataset(s["path"])
+    assert ds.num_examples("train") == 2 and ds.complete_dataset_size("train") == 6
+    assert ds.metadata["skipped"] == {"train": 4}
+    assert sorted(ds.source("train")[i]["id"] for i in range(2)) == [ids[1], ids[5]]
+
+
+def test_prepare_is_idempotent_and_adds_the_table_later(tmp_path):
+    _howto(tmp_path)
+    s1 = _prep_howto(tmp_path)
+    assert s1["status"] == "prepared" and s1["word_table"] is None
+    files = {f: os.stat(os.path.join(s1["path"], f)).st_mtime_ns for f in os.listdir(s1["path"])}
+    s2 = _prep_howto(tmp_path)
+    assert s2["status"] == "exists" and s2["written"] == s1["written"]
+    assert {f: os.stat(os.path.join(s1["path"], f)).st_mtime_ns for f in os.listdir(s1["path"])} == files
+    w2v, _ = word2vec_fixture(tmp_path)
+    s3 = _prep_howto(tmp_path, word2vec=w2v)
+    assert s3["status"] == "exists" and s3["word_table"]["dim"] == 7
+    assert PreparedDataset(s3["path"]).word_table().dim == 7
+
+
+def test_interrupted_prepare_leaves_no_half_dataset(tmp_path, monkeypatch):
+    _howto(tmp_path, n=4)
+    from tfds_builders.howto100m import howto100m_dataset_builder as hb
+
+    real = hb.caption_arrays
+    calls = {"n": 0}
+
+    def interrupting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(hb, "caption_arrays", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        _prep_howto(tmp_path)
+    assert _no_dataset_left(tmp_path)  # neither a version directory nor a temporary one
+    monkeypatch.setattr(hb, "caption_arrays", real)
+    # a killed prepare (no cleanup) leaves a temporary directory: the next prepare removes it
+    stale = tmp_path / "d" / "howto100m" / "resnet_fp32" / "incomplete.ABC123_1.0.0"
+    stale.mkdir(parents=True)
+    (stale / "howto100m-train.array_record-00000-of-00001").write_bytes(b"partial")
+    s = _prep_howto(tmp_path)
+    assert s["written"] == {"train": 4} and not stale.exists()
+    assert any("interrupted" in n for n in s["notes"])
+
+
+def test_torch_pickle_without_torch_names_the_extra(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    write_pickle(tmp_path / "a.pkl", item_list(1, torch_audio=True))
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"a\.pkl: .*torch tensors.*pip install 'eao_jax\[torch\]'"):
+        load_pickle(tmp_path / "a.pkl")
+
+
+def test_missing_manual_files_and_bad_options(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"youcook2/resnet: no split found; looked for val: .*youcook_val\.pkl"):
+        prepare("youcook2", tmp_path / "d", tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="HowTo100M_1166_videopaths.txt: video list not found"):
+        prepare("howto100m", tmp_path / "d", tmp_path / "m")
+    with pytest.raises(ValueError, match=r"unknown path option\(s\) \['annot_path'\]"):
+        prepare("howto100m", tmp_path / "d", tmp_path / "m", paths={"annot_path": "x"})
+    with pytest.raises(ValueError, match="unknown dataset 'kinetics'"):
+        prepare("kinetics", tmp_path / "d", tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="--word2vec: .*nope.bin: file not found"):
+        prepare("msrvtt", tmp_path / "d", tmp_path / "m", word2vec=tmp_path / "nope.bin")
+
+
+def test_cli_prints_summary_and_fails_cleanly(tmp_path):
+    import subprocess
+
+    write_howto(tmp_path / "m", n_videos=2)
+    cmd = [sys.executable, "-m", "eao_jax.prepare", "--dataset=howto100m", f"--manual_dir={tmp_path / 'm'}",
+           f"--data_dir={tmp_path / 'd'}", "--config=resnet_fp32", "--feature_dims=6,5"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "howto100m: prepared at" in out.stdout and "train: 2 items written, 0 skipped" in out.stdout
+    out = subprocess.run(cmd[:-1] + ["--feature_dims=8,5", "--config=resnet"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "prepare failed: howto100m/train: wrong feature dimension" in out.stderr

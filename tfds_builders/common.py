@@ -1,0 +1,278 @@
+"""Shared machinery of the eao_jax TFDS builders (ArrayRecord, prepared without TensorFlow).
+
+Record fields are named the same in every builder so one grain pipeline reads them all:
+
+  id               Text
+  features_2d      (T2, D2) float, 2D features at 1/s ((0, 0) when the backbone is not used)
+  features_3d      (T3, D3) float, 3D features at 1.5/s (S3D: 1/s) ((0, 0) when not used)
+                   (2-D arrays are stored flat with a `<name>_shape` field: eao_jax.data.records)
+  audio            (40, T) float, log-mel spectrogram at 100 frames/s
+  HowTo100M layout ("howto"):   caption_start (S,) float64, caption_end (S,) float64, caption_text (S,) Text
+  eval-item layout ("items"):   caption Text (the evaluation caption), captions (C,) Text (training
+                                captions; one is drawn per access), item_index int64 (position in the
+                                released file)
+  localisation ("localization"): task Text, steps (K,) Text, annotation (T, K) uint8 (one row per second)
+
+Large arrays are stored as raw bytes (no protobuf float lists), so decoding is a memory copy.
+
+Beside the records, in the dataset directory:
+  tokens.txt            every distinct token of the dataset's texts (before the word2vec filter)
+  word_vectors.npz      the word-vector table (see eao_jax.data.text) when word2vec was given
+  prepare_report.json   items written, items skipped and why (always written; skips need skip_bad)
+and `info.metadata` (metadata.json) holds: layouts, complete_dataset_size, num_examples, skipped,
+use_2d/use_3d, dim_2d/dim_3d, fps_2d/fps_3d, feature_dtype, audio_dtype, word2vec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from eao_jax.data import records
+from eao_jax.data import text as text_lib
+from eao_jax.data import validate as V
+
+BYTES = tfds.features.Encoding.BYTES
+
+
+def array_feature(dtype, shape=(None, None)) -> tfds.features.Tensor:
+    return tfds.features.Tensor(shape=shape, dtype=np.dtype(dtype).type, encoding=BYTES)
+
+
+def matrix_feature(name: str, dtype) -> dict[str, Any]:
+    """A 2-D array stored flat plus its shape (see eao_jax.data.records)."""
+    return {name: array_feature(dtype, (None,)),
+            name + "_shape": tfds.features.Tensor(shape=(2,), dtype=np.int64)}
+
+
+def video_audio_features(feature_dtype, audio_dtype) -> dict[str, Any]:
+    return {
+        "id": tfds.features.Text(),
+        **matrix_feature("features_2d", feature_dtype),
+        **matrix_feature("features_3d", feature_dtype),
+        "audio": array_feature(audio_dtype, (V.N_MELS, None)),
+    }
+
+
+HOWTO_FIELDS = {
+    "caption_start": array_feature(np.float64, (None,)),
+    "caption_end": array_feature(np.float64, (None,)),
+    "caption_text": tfds.features.Sequence(tfds.features.Text()),
+}
+ITEM_FIELDS = {
+    "caption": tfds.features.Text(),
+    "captions": tfds.features.Sequence(tfds.features.Text()),
+    "item_index": tfds.features.Scalar(np.int64),
+}
+LOCALIZATION_FIELDS = {
+    "task": tfds.features.Text(),
+    "steps": tfds.features.Sequence(tfds.features.Text()),
+    **matrix_feature("annotation", np.uint8),
+}
+
+
+@contextlib.contextmanager
+def array_record_options(extra: str | None):
+    """Appends `extra` to the ArrayRecord writer options TFDS uses ('group_size:1'), e.g. 'uncompressed'.
+
+    TFDS writes ArrayRecord with zstd:3 compression by default; uncompressed records decode about 4x
+    faster (worth it for the small synthetic dataset, not for terabytes of HowTo100M features).
+    """
+    from tensorflow_datasets.core import file_adapters
+
+    real = getattr(file_adapters, "array_record_module", None)
+    if not extra or real is None or not hasattr(real, "ArrayRecordWriter"):
+        if extra:
+            warnings.warn("cannot set ArrayRecord writer options with this TFDS version; using its defaults",
+                          stacklevel=2)
+        yield
+        return
+
+    class _Writer:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def ArrayRecordWriter(path, options="", *args):  # noqa: N802 (the wrapped API's name)
+            return real.ArrayRecordWriter(path, ",".join(o for o in (options, extra) if o), *args)
+
+    file_adapters.array_record_module = _Writer()
+    try:
+        yield
+    finally:
+        file_adapters.array_record_module = real
+
+
+class FeatureConfig(tfds.core.BuilderConfig):
+    """Which backbones a dataset variant uses and how its features are stored.
+
+    Attributes:
+      use_2d / use_3d: backbone slots used (S3D: 3D only; CLIP: 2D only).
+      dim_2d / dim_3d: expected feature widths (None: taken from the first item, then enforced).
+      fps_2d / fps_3d: features per second (ResNet 1, ResNeXt 1.5, S3D 1, CLIP 1).
+      feature_dtype / audio_dtype: storage dtypes (float16 halves the size; the released HowTo100M
+        features and spectrograms are float16 already).
+      options: builder-specific settings (file names, pickle keys, sizes).
+    """
+
+    def __init__(self, *, use_2d: bool = True, use_3d: bool = True, dim_2d: int | None = 2048,
+                 dim_3d: int | None = 2048, fps_2d: float = 1.0, fps_3d: float = 24.0 / 16.0,
+                 feature_dtype: str = "float32", audio_dtype: str = "float32",
+                 options: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.use_2d, self.use_3d = use_2d, use_3d
+        self.fps_2d, self.fps_3d = fps_2d, fps_3d
+        self.dim_2d, self.dim_3d = dim_2d, dim_3d
+        self.feature_dtype, self.audio_dtype = feature_dtype, audio_dtype
+        self.options = dict(options or {})
+
+
+_EMPTY_FEATURES = {np.dtype(np.float16): np.zeros((0, 0), np.float16),
+                   np.dtype(np.float32): np.zeros((0, 0), np.float32)}
+
+
+class EaoBuilder(tfds.core.GeneratorBasedBuilder):
+    """Base class: validation with an optional skip report, vocabulary table, metadata.
+
+    Constructor keywords (beyond TFDS's data_dir / config / file_format):
+      word2vec: path of a word2vec binary file (GoogleNews layout); the dataset's vocabulary subset
+        is stored as word_vectors.npz beside the records.
+      skip_bad: skip unusable items and count them in prepare_report.json instead of failing.
+      paths: overrides of the released-file locations (keys in PATH_OPTIONS), absolute or relative to
+        the manual directory.
+      feature_dims: (dim_2d, dim_3d) overriding the config's expected widths (None entries: inferred).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    PATH_OPTIONS: tuple[str, ...] = ()
+    ARRAY_RECORD_OPTIONS: str | None = None  # extra writer options, e.g. "uncompressed" (default: zstd)
+
+    def __init__(self, *, word2vec: str | os.PathLike | None = None, skip_bad: bool = False,
+                 paths: dict[str, str] | None = None, feature_dims: tuple[int | None, int | None] | None = None,
+                 **kwargs):
+        paths = dict(paths or {})
+        unknown = sorted(set(paths) - set(self.PATH_OPTIONS))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown path option(s) {unknown}; "
+                             f"accepted: {list(self.PATH_OPTIONS)}")
+        self._word2vec = None if word2vec is None else os.fspath(word2vec)
+        if self._word2vec is not None and not os.path.isfile(self._word2vec):
+            raise FileNotFoundError(f"--word2vec: {self._word2vec}: file not found")
+        self._skip_bad = skip_bad
+        self._paths = paths
+        self._feature_dims = feature_dims
+        super().__init__(**kwargs)
+
+    # -- things subclasses describe -----------------------------------------------------------
+    def _layout_fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        feats = video_audio_features(cfg.feature_dtype, cfg.audio_dtype)
+        feats.update(self._layout_fields())
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(feats),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # records keep the released order; pipelines shuffle
+        )
+
+    # -- helpers for subclasses ---------------------------------------------------------------
+    def _path(self, dl_manager, key: str, default: str) -> str:
+        """A released-file location: the `paths` override or `default`, relative to the manual dir."""
+        p = self._paths.get(key, default)
+        if os.path.isabs(p):
+            return p
+        return os.path.join(os.fspath(dl_manager.manual_dir), p)
+
+    def _add_text(self, *texts: str) -> None:
+        for t in texts:
+            self._tokens.update(text_lib.tokenize(t))
+
+    def _expected_dim(self, part: str) -> int | None:
+        if self._dims.get(part) is not None:
+            return self._dims[part]
+        if self._feature_dims is not None:  # an override; None entries are inferred from the first item
+            d = self._feature_dims[0 if part == "2d" else 1]
+            return None if d is None else int(d)
+        return getattr(self.builder_config, f"dim_{part}")
+
+    def _features(self, part: str, arr: Any, item: str, file) -> np.ndarray:
+        """Validated features of one backbone slot (zeros (0, 0) when the slot is not used)."""
+        cfg = self.builder_config
+        dtype = np.dtype(cfg.feature_dtype)
+        if not getattr(cfg, f"use_{part}"):
+            return _EMPTY_FEATURES[dtype]
+        out = V.check_features(arr, f"{part.upper()} features", item, file, self._expected_dim(part), dtype)
+        self._dims[part] = out.shape[1]  # the first item fixes an inferred width
+        return out
+
+    def _spectrogram(self, arr: Any, item: str, file) -> np.ndarray:
+        return V.check_spectrogram(arr, item, file, np.dtype(self.builder_config.audio_dtype))
+
+    def _validated(self, split: str, items: Iterable[tuple[int, Callable[[], dict | None]]]
+                   ) -> Iterator[tuple[int, dict]]:
+        """Runs each item's builder; bad items stop the prepare or, with skip_bad, are counted."""
+        for key, build in items:
+            try:
+                example = build()
+            except V.BadItem as e:
+                if not self._skip_bad:
+                    raise V.PrepareError(
+                        f"{self.name}/{split}: {e}. Fix the file or rerun with --skip_bad to skip and "
+                        "count such items.") from None
+                self._report.skip(split, e)
+                continue
+            if example is None:
+                continue
+            self._report.written[split] += 1
+            yield key, records.flatten_matrices(example)
+
+    def _set_complete_size(self, split: str, n: int) -> None:
+        self.info.metadata.setdefault("complete_dataset_size", {})[split] = int(n)
+
+    def _word_table(self) -> text_lib.WordTable | None:
+        """The table written beside the records (default: the word2vec subset of the dataset tokens)."""
+        if self._word2vec is None:
+            return None
+        return text_lib.build_word_table(self._word2vec, self._tokens)
+
+    # -- TFDS hook ---------------------------------------------------------------------------
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
+        self._report = V.Report()
+        self._tokens: set[str] = set()
+        self._dims: dict[str, int | None] = {}
+        meta = self.info.metadata
+        meta["layouts"] = {}
+        with array_record_options(self.ARRAY_RECORD_OPTIONS):
+            super()._download_and_prepare(dl_manager, download_config)
+
+        cfg = self.builder_config
+        out_dir = os.fspath(self.data_dir)  # the temporary directory TFDS renames when done
+        text_lib.write_tokens(os.path.join(out_dir, text_lib.TOKENS_FILE), self._tokens)
+        table = self._word_table()
+        if table is not None:
+            table.save(os.path.join(out_dir, text_lib.WORD_VECTORS_FILE))
+            self._report.notes.append(
+                f"word table: {len(table)} of {len(self._tokens)} distinct tokens found, dim {table.dim}")
+        else:
+            self._report.notes.append(
+                "no word table (no --word2vec): rerun prepare with --word2vec=FILE to add it")
+        self._report.save(os.path.join(out_dir, V.REPORT_FILE))
+        meta.update(
+            num_examples=dict(self._report.written),
+            skipped={s: sum(c.values()) for s, c in self._report.counts().items()},
+            use_2d=bool(cfg.use_2d), use_3d=bool(cfg.use_3d),
+            dim_2d=self._dims.get("2d"), dim_3d=self._dims.get("3d"),
+            fps_2d=float(cfg.fps_2d), fps_3d=float(cfg.fps_3d),
+            feature_dtype=cfg.feature_dtype, audio_dtype=cfg.audio_dtype,
+            word2vec=None if self._word2vec is None else os.path.basename(self._word2vec),
+        )
+        self.prepare_report = self._report

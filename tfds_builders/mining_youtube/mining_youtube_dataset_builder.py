@@ -1,0 +1,14 @@
+"""Mining YouTube zero-shot step localisation (see tfds_builders/localization.py for the layout)."""
+
+from __future__ import annotations
+
+from tfds_builders import localization
+
+
+class MiningYoutube(localization.LocalizationBuilder):
+    """Mining YouTube videos: features, spectrogram, per-second annotation, step texts of the video."""
+
+    BUILDER_CONFIGS = localization.localization_configs()
+    DEFAULT_CONFIG_NAME = "resnet"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = localization.__doc__
+    MINING = True
