@@ -1,0 +1,20 @@
+"""No fusion transformer (architecture ablation; released ablation/architecture/no_transformers.yaml).
+
+depth 0: each modality's embedding is the mean of its LayerNorm'd token projections; no fused pairs
+in training (cross_modal False), so only the tv / ta / va terms (1 / 0.1 / 0.1).
+"""
+
+import pathlib
+import runpy
+
+import ml_collections
+
+BASE = pathlib.Path(__file__).resolve().parents[1] / "howto100m.py"  # the paper's main TVA model
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = runpy.run_path(str(BASE))["get_config"](arg)
+    c.model.depth = 0
+    c.model.cross_modal = False
+    c.loss.weights = ml_collections.ConfigDict(dict(tv=1.0, ta=0.1, va=0.1, t_va=0.0, v_ta=0.0, a_tv=0.0))
+    return c

@@ -1,0 +1,302 @@
+"""Config schema and validation for training: every error names the config field.
+
+`validate_config` runs before any array is allocated or any function compiled. It checks
+- unknown fields (a typo in a config file; `--config.x=y` overrides of unknown fields are already
+  refused by the locked ConfigDict at flag parsing), against `reference_config()`;
+- each section's values (model, loss, data, train, mesh, checkpoint, eval);
+- consistency across sections: the global batch against the mesh's data axis and the process
+  count, sequence lengths against positional embeddings, DAVEnet stages against the audio length.
+Dataset-dependent checks (feature dimensions against `model.video_dim` / `text_dim` /
+`davenet.n_mels`) are in `check_batch_against_model`, run on the first batch's shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from eao_jax.defaults import loss_config, model_config
+from eao_jax.loss import validate_loss_config
+from eao_jax.model.eao import validate_model_config
+from eao_jax.parallel import mesh_shape
+
+EVAL_TASKS = ("msrvtt", "youcook2", "crosstask", "mining_youtube", "synthetic", "synthetic_localization")
+
+
+def _eval_tasks() -> tuple[str, ...]:
+    try:
+        from eao_jax.evaluate import TASKS  # noqa: PLC0415 (the evaluator's registry when present)
+    except ImportError:
+        return EVAL_TASKS
+    return tuple(TASKS)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the field name."""
+
+
+def train_config() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.lr = 5e-5
+    t.b1 = 0.9
+    t.b2 = 0.999
+    t.eps = 1e-8
+    t.lr_decay = 0.9  # per epoch, staircase: lr * lr_decay ** (step // steps_per_epoch)
+    t.epochs = 15
+    t.steps_per_epoch = 5205  # -1: len(training videos) // data.videos_per_batch
+    t.num_steps = -1  # -1: epochs * steps_per_epoch; else stop after this many steps
+    t.log_every = 50
+    t.use_eval_mode_always = False  # fine-tuning: BatchNorm uses (and keeps) its running statistics
+    return t
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.data = -1
+    m.model = 1
+    m.fsdp = True
+    m.fsdp_min_size = 2**18
+    return m
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.every_steps = 1000
+    c.keep = 3
+    c.async_save = True
+    return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    e.every_steps = 0  # 0: only after the last step
+    e.tasks = ()
+    e.batch_size = 16
+    e.data_dir = config_dict.placeholder(str)  # TFDS data_dir of the eval datasets (default: data.data_dir)
+    e.at_end = True  # evaluate after the last step
+    # Read by eao_jax.evaluate.evaluate_model when set:
+    e.strategy = config_dict.placeholder(str)  # at_once (default) | clip | nearest | max_pool | clips_average
+    e.tfds_config = config_dict.placeholder(str)
+    e.loc_embedding = config_dict.placeholder(str)  # v+a | va
+    e.decoder = config_dict.placeholder(str)  # dp | argmax
+    return e
+
+
+def data_config() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.dataset = "howto100m"
+    d.data_dir = config_dict.placeholder(str)
+    d.videos_per_batch = 224
+    d.clips_per_video = 10
+    d.n_video_tokens = 12
+    d.max_words = 20
+    d.n_stft = 768
+    d.min_time = 8.0
+    d.text_audio_misaligned = True
+    d.num_workers = 8  # grain worker processes (0: threads in the training process)
+    d.prefetch = 2  # batches per worker; also the batches kept ready on the devices
+    # Read by the data layer (eao_jax.data.pipelines) when set:
+    d.tfds_config = config_dict.placeholder(str)  # builder config (synthetic: tiny | default)
+    d.split = "train"
+    d.read_threads = 2
+    d.read_buffer = 4
+    d.video_strategy = "clip"  # fine-tuning on item datasets
+    return d
+
+
+def reference_config() -> ml_collections.ConfigDict:
+    """Every known field with its default: the schema `validate_config` checks names against."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_config()
+    c.loss = loss_config()
+    c.data = data_config()
+    c.train = train_config()
+    c.init_from = config_dict.placeholder(str)
+    c.mesh = mesh_config()
+    c.checkpoint = checkpoint_config()
+    c.eval = eval_config()
+    return c
+
+
+def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with every field it leaves out taken from `reference_config()` (a new, locked
+    ConfigDict). Free-form sections (loss.weights) are taken whole from `config`. Raises ConfigError
+    for unknown fields."""
+    check_unknown_fields(config)
+
+    def merge(ref: dict, user: Mapping, prefix: str) -> dict:
+        out = dict(ref)
+        for k, v in user.items():
+            path = f"{prefix}{k}"
+            if isinstance(v, Mapping) and isinstance(ref.get(k), Mapping) and path not in _FREE_FORM:
+                out[k] = merge(ref[k], v, f"{path}.")
+            else:
+                out[k] = v
+        return out
+
+    user = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    merged = ml_collections.ConfigDict(merge(reference_config().to_dict(), user, ""))
+    merged.lock()
+    return merged
+
+
+# Sections whose sub-fields the schema does not pin (free-form dicts).
+_FREE_FORM = ("loss.weights",)
+
+
+def _extra_data_fields() -> set[str]:
+    """Fields the data layer declares beyond `data_config()` (it may add its own)."""
+    try:
+        from eao_jax.data import pipelines  # noqa: PLC0415 (optional, written separately)
+    except ImportError:
+        return set()
+    return set(getattr(pipelines, "DATA_CONFIG_FIELDS", ()))
+
+
+def check_unknown_fields(config: Mapping[str, Any], reference: Mapping[str, Any] | None = None,
+                         prefix: str = "") -> None:
+    """Raises ConfigError naming the first field of `config` that `reference` does not have."""
+    reference = reference_config() if reference is None else reference
+    extra = _extra_data_fields() if prefix == "data." else set()
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            if key in extra:
+                continue
+            known = ", ".join(sorted(reference.keys()))
+            where = f" of {prefix[:-1]}" if prefix else ""
+            raise ConfigError(f"{path}: unknown config field (known fields{where}: {known})")
+        value, ref = config[key], reference[key]
+        if isinstance(value, Mapping | ml_collections.ConfigDict) and path not in _FREE_FORM:
+            if not isinstance(ref, Mapping | ml_collections.ConfigDict):
+                raise ConfigError(f"{path}: expected a value, got a section")
+            check_unknown_fields(value, ref, prefix=f"{path}.")
+
+
+def _positive_int(cfg, section: str, field: str, *, allow: tuple[int, ...] = ()) -> int:
+    v = cfg.get(field)
+    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v not in allow):
+        extra = f" (or {', '.join(map(str, allow))})" if allow else ""
+        raise ConfigError(f"{section}.{field} must be a positive integer{extra}, got {v!r}")
+    return v
+
+
+def _validate_train(t: ml_collections.ConfigDict) -> None:
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    for f in ("b1", "b2"):
+        if not 0 <= t[f] < 1:
+            raise ConfigError(f"train.{f} must be in [0, 1), got {t[f]}")
+    if not t.eps > 0:
+        raise ConfigError(f"train.eps must be > 0, got {t.eps}")
+    if not 0 < t.lr_decay <= 1:
+        raise ConfigError(f"train.lr_decay must be in (0, 1], got {t.lr_decay}")
+    _positive_int(t, "train", "epochs")
+    _positive_int(t, "train", "steps_per_epoch", allow=(-1,))
+    _positive_int(t, "train", "num_steps", allow=(-1,))
+    _positive_int(t, "train", "log_every")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None = None,
+                    process_count: int = 1) -> None:
+    """Checks a training config before anything is built (see the module docstring).
+
+    n_devices: number of devices the mesh will span (None skips the mesh checks).
+    Fields the config leaves out are checked at their defaults (`complete_config`).
+    Raises ConfigError whose message starts with the offending field.
+    """
+    config = complete_config(config)  # also refuses unknown fields
+    for section in ("model", "loss", "data", "train", "mesh", "checkpoint", "eval"):
+        if section not in config:
+            raise ConfigError(f"{section}: missing config section")
+    try:
+        validate_model_config(config.model)
+        validate_loss_config(config.loss)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    m, d = config.model, config.data
+    dv = m.davenet
+    if "audio" in m.modalities and len(dv.widths) != len(dv.blocks) + 1:
+        raise ConfigError(f"model.davenet.widths needs one stem width plus one per stage: "
+                          f"{len(dv.blocks)} stages (model.davenet.blocks) but {len(dv.widths)} widths")
+    if not isinstance(config.seed, int):
+        raise ConfigError(f"seed must be an integer, got {config.seed!r}")
+
+    # Data.
+    for f in ("videos_per_batch", "clips_per_video", "n_video_tokens", "max_words", "n_stft"):
+        _positive_int(d, "data", f)
+    if "audio" in m.modalities:
+        down = 2 ** len(dv.blocks)
+        if d.n_stft < down:
+            raise ConfigError(f"data.n_stft={d.n_stft} is shorter than one DAVEnet token "
+                              f"({down} frames for {len(dv.blocks)} stages, model.davenet.blocks)")
+    if m.use_positional_emb:
+        lengths = {"video": (d.n_video_tokens, "data.n_video_tokens", "model.max_video_tokens"),
+                   "text": (d.max_words, "data.max_words", "model.max_text_tokens")}
+        if "audio" in m.modalities:
+            lengths["audio"] = (d.n_stft // 2 ** len(dv.blocks), "data.n_stft // 2**len(model.davenet.blocks)",
+                                "model.max_audio_tokens")
+        for mod, (n, what, field) in lengths.items():
+            if mod in m.modalities and n > m[field.split(".")[1]]:
+                raise ConfigError(f"{field}={m[field.split('.')[1]]} is shorter than the {n} {mod} tokens of "
+                                  f"a training clip ({what})")
+
+    _validate_train(config.train)
+
+    # Mesh and batch.
+    mc = config.mesh
+    if not isinstance(mc.fsdp_min_size, int) or mc.fsdp_min_size < 0:
+        raise ConfigError(f"mesh.fsdp_min_size must be a non-negative integer, got {mc.fsdp_min_size!r}")
+    global_batch = d.videos_per_batch * d.clips_per_video
+    if process_count > 1 and d.videos_per_batch % process_count:
+        raise ConfigError(f"data.videos_per_batch={d.videos_per_batch} is not divisible by the number of "
+                          f"processes ({process_count}): each process loads an equal share of videos")
+    if n_devices is not None:
+        try:
+            data_size, _ = mesh_shape(mc, n_devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if global_batch % data_size:
+            raise ConfigError(
+                f"data.videos_per_batch x data.clips_per_video = {d.videos_per_batch} x {d.clips_per_video} = "
+                f"{global_batch} clips is not divisible by the mesh data axis (mesh.data -> {data_size} devices)")
+
+    # Checkpoints and evaluation.
+    c = config.checkpoint
+    if not isinstance(c.every_steps, int) or c.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps must be >= 0 (0: only at the end), got {c.every_steps!r}")
+    if c.keep is not None and (not isinstance(c.keep, int) or c.keep < 1):
+        raise ConfigError(f"checkpoint.keep must be a positive integer or None (keep all), got {c.keep!r}")
+    e = config.eval
+    if not isinstance(e.every_steps, int) or e.every_steps < 0:
+        raise ConfigError(f"eval.every_steps must be >= 0 (0: only at the end), got {e.every_steps!r}")
+    tasks = _eval_tasks()
+    for task in e.tasks:
+        if task not in tasks:
+            raise ConfigError(f"eval.tasks: unknown task {task!r}; known: {', '.join(tasks)}")
+    _positive_int(e, "eval", "batch_size")
+
+
+def check_batch_against_model(shapes: Mapping[str, tuple[int, ...]], config: ml_collections.ConfigDict,
+                              source: str = "the training data") -> None:
+    """Compares a batch's array shapes {key: shape} with the model config; raises ConfigError naming
+    the model field whose dimension disagrees with the data (before compilation)."""
+    m = config.model
+    checks = [("video", -1, "model.video_dim", m.video_dim), ("text", -1, "model.text_dim", m.text_dim)]
+    if "audio" in m.modalities:
+        checks.append(("audio", 1, "model.davenet.n_mels", m.davenet.n_mels))
+    for key, axis, field, want in checks:
+        if key.split("_")[0] not in m.modalities:
+            continue
+        if key not in shapes:
+            raise ConfigError(f"model.modalities includes {key!r} but {source} has no '{key}' entry")
+        got = shapes[key][axis]
+        if got != want:
+            raise ConfigError(f"{field}={want} but {source} has {key} features of size {got} "
+                              f"(shape {tuple(shapes[key])})")

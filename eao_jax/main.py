@@ -1,0 +1,90 @@
+r"""Training entry point.
+
+  python -m eao_jax.main --config=configs/demo.py --workdir=/tmp/eao_demo
+  python -m eao_jax.main --config=configs/howto100m.py --workdir=gs://bucket/eao \
+      --config.data.data_dir=gs://bucket/tfds [--config.x=y ...]
+
+The config file is an ml_collections `get_config()`; `--config.x=y` overrides any field (the
+config is locked: an unknown field is an error). Fields a config file leaves out take the
+defaults of `eao_jax.config_utils.reference_config()`.
+
+Sections: distributed init -> config check -> (train.train_and_evaluate:) mesh -> data -> abstract
+init -> sharded init or restore (newest complete checkpoint in WORKDIR/checkpoints, else
+`init_from`, else random) -> loop -> final save -> final evaluation.
+
+WORKDIR receives checkpoints/ (Orbax: model, opt, config, data per step), metrics.jsonl,
+tensorboard/, config.json and results/<task>.json. Rerunning the same command resumes.
+SIGTERM (or a first Ctrl-C) saves a checkpoint at the current step and exits with status 0.
+Exit status 1 with a message for config errors and non-finite losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from eao_jax import distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results. Resumes if it holds "
+                               "checkpoints.")
+_PROGRESS = flags.DEFINE_boolean("progress_bar", True, "Console progress bar (else a log line per log_every).")
+flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_flags()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax, TFDS) drown the progress bar
+        logging.set_verbosity(logging.WARNING)
+    # ------------------------------------------------------------------- Distributed init (first JAX call)
+    info = distributed.initialize_from_flags()
+
+    from eao_jax import config_utils, train  # noqa: PLC0415 (after distributed init)
+
+    workdir = _WORKDIR.value
+    try:
+        config = config_utils.complete_config(_CONFIG.value)
+        config = train.prepare_config(config, workdir)
+        if info.is_main:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(json.dumps(json.loads(config.to_json_best_effort()), indent=1) + "\n")
+        result = train.train_and_evaluate(config, workdir, progress_bar=_PROGRESS.value)
+    except config_utils.ConfigError as e:
+        print(f"Config error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except train.NonFiniteLossError as e:
+        print(f"Training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    if info.is_main:
+        for task, res in result.eval_results.items():
+            print(train.format_eval(task, res))
+        logging.info("Run %s at step %d.", result.status, result.step)
+        print(f"{result.status} at step {result.step}; workdir {workdir}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with an override of an unknown config field reported as one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+              file=sys.stderr)
+        sys.exit(1)
+    except (AttributeError, KeyError) as e:  # ml_collections: `--config.x=y` names a field that does not exist
+        msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace('\\"', '"')
+        names = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+        field = next((n for n in names if f"'{n.split('.')[-1]}'" in msg), None)
+        print(f"Config error: {field or 'config'}: unknown config field ({msg})", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

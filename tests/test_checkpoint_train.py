@@ -1,0 +1,118 @@
+"""Training checkpoints: model + optimizer + config + data iterator state, restored onto FSDP
+shardings; the `model` item keeps the converter/evaluator layout."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from eao_jax import checkpoint as ckpt
+from eao_jax import parallel, train
+from eao_jax.config_utils import reference_config
+
+
+def tiny_config():
+    c = reference_config()
+    m = c.model
+    m.embed_dim, m.num_heads, m.projection_dim = 32, 4, 16
+    m.video_dim, m.text_dim = 8, 6
+    m.davenet.blocks, m.davenet.widths = (1, 1), (8, 8, 16)
+    c.train.steps_per_epoch = 5
+    c.mesh.data, c.mesh.model, c.mesh.fsdp, c.mesh.fsdp_min_size = 4, 2, True, 64
+    c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save = 1, 2, True
+    return c
+
+
+def random_state(abstract, seed):
+    """A state with random values (no initialisation compile needed): pure dict of numpy arrays."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype) if np.issubdtype(x.dtype, np.floating)
+                        else np.full(x.shape, seed, x.dtype), nnx.to_pure_dict(abstract))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    c = tiny_config()
+    mesh = parallel.make_mesh(c.mesh, jax.devices()[:8])
+    graphdef, abstract = train.abstract_train_state(c)
+    shardings = train.state_shardings(abstract, mesh, c)
+    return c, mesh, abstract, shardings
+
+
+def test_save_restore_roundtrip_on_sharded_targets(setup, tmp_path):
+    c, mesh, abstract, shardings = setup
+    pure_sh = nnx.to_pure_dict(shardings)
+    mngr = ckpt.training_manager(tmp_path, c.checkpoint)
+    saved = {}
+    for step in (1, 2, 3):
+        values = jax.device_put(random_state(abstract, step), pure_sh)
+        saved[step] = jax.device_get(values)
+        data = ckpt.IteratorSnapshot({"next_index": 10 * step})
+        assert ckpt.save_training(mngr, step, model_vars=values["model"], opt_vars=values["opt"], config=c,
+                                  data_state=data)
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [2, 3]  # keep = 2
+    mngr.close()
+
+    mngr = ckpt.training_manager(tmp_path, c.checkpoint)
+    assert mngr.latest_step() == 3
+    model, opt, snapshot = ckpt.restore_training(
+        mngr, 3, model_target=train._targets(abstract["model"], shardings["model"]),
+        opt_target=train._targets(abstract["opt"], shardings["opt"]))
+    mngr.close()
+    assert snapshot.state == {"next_index": 30}
+    for got, want, sh in zip(jax.tree.leaves({"model": model, "opt": opt}), jax.tree.leaves(saved[3]),
+                             jax.tree.leaves(pure_sh), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+        assert got.sharding == sh  # restored straight onto the FSDP placement
+    assert any("data" in tuple(s.spec) for s in jax.tree.leaves(pure_sh))
+    # The state rebuilds into a TrainState.
+    state = train._fill(abstract, {"model": model, "opt": opt})
+    ts = nnx.merge(train.abstract_train_state(c)[0], state)
+    assert int(ts.opt.step[...]) == 3
+
+    # The data item is grain's per-process JSON.
+    assert json.loads((tmp_path / "3" / "data" / "process_0-of-1.json").read_text()) == {"next_index": 30}
+    # `model` has the converter's layout: the evaluator's reader loads it.
+    loaded, config, step = ckpt.load_model(tmp_path)
+    assert step == 3 and config.model.embed_dim == 32
+    for a, b in zip(jax.tree.leaves(ckpt.model_variables(loaded)), jax.tree.leaves(saved[3]["model"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_restore_without_data_item(setup, tmp_path):
+    c, mesh, abstract, shardings = setup
+    mngr = ckpt.training_manager(tmp_path, c.checkpoint)
+    values = jax.device_put(random_state(abstract, 7), nnx.to_pure_dict(shardings))
+    ckpt.save_training(mngr, 7, model_vars=values["model"], opt_vars=values["opt"], config=c, force=True)
+    mngr.wait_until_finished()
+    _, _, snapshot = ckpt.restore_training(
+        mngr, 7, model_target=train._targets(abstract["model"], shardings["model"]),
+        opt_target=train._targets(abstract["opt"], shardings["opt"]))
+    mngr.close()
+    assert snapshot is None
+
+
+def test_init_from_checks_the_model_config(setup, tmp_path):
+    c, mesh, abstract, shardings = setup
+    ckpt.save_model(tmp_path / "conv", 0, jax.device_get(random_state(abstract, 1)["model"]), c)
+    root, step = train.resolve_init_from(str(tmp_path / "conv"))
+    assert step == 0
+    train._check_init_from_config(root, step, c)  # same model: fine
+    other = c.copy_and_resolve_references()
+    other.model.embed_dim = 64
+    with pytest.raises(ValueError, match=r"^init_from=.*model\.embed_dim: checkpoint 32 vs config 64"):
+        train._check_init_from_config(root, step, other)
+    with pytest.raises(ValueError, match=r"^init_from: "):
+        train.resolve_init_from(str(tmp_path / "missing"))
+
+
+def test_iterator_snapshot_roundtrip():
+    snap = ckpt.IteratorSnapshot({"a": [1, 2], "b": "x"})
+    other = ckpt.IteratorSnapshot()
+    other.set_state(snap.get_state())
+    assert other.state == {"a": [1, 2], "b": "x"}
+    with pytest.raises(ValueError, match="no data iterator state"):
+        ckpt.IteratorSnapshot().get_state()
