@@ -13,11 +13,22 @@ Training (`train.py`) keeps one `CheckpointManager` open (`training_manager`): s
 `checkpoint.every_steps`, keeps the last `checkpoint.keep`, writes asynchronously, and resumes from
 the newest *complete* step (Orbax only lists steps whose write was committed). The grain iterator
 state travels as per-process JSON files (`process_{i}-of-{n}.json`, grain's Orbax handler).
+
+Multi-process: every process calls `save_training` / `restore_training` (Orbax coordinates the
+writes: arrays are written shard by shard, the config once, and each process writes its own
+`process_{i}-of-{n}.json`). Model and optimizer state restore onto any mesh (the targets carry the
+new shardings), so a run may resume with a different device or process count. The data iterator
+state is the number of global batches read (eao_jax.data.pipelines: process p reads block p of every
+global batch of one global order), identical in every process's file; when the process count
+changed, `restore_training` checks that the old files agree and carries that position over, so the
+resumed run reads exactly the global batches the old one would have read next. Files that disagree
+(or are missing) are an error that names them; never a silent restart of the data order.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import grain
@@ -25,6 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -206,12 +218,69 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, *, model_target: di
     """Restores (model_vars, opt_vars, data snapshot) of `step` onto the targets (pure dicts of
     ShapeDtypeStructs carrying concrete NamedShardings, JAX_NOTES P3).
 
-    The data snapshot is None when `with_data` is False or the step has no `data` item.
+    The data snapshot is None when `with_data` is False or the step has no `data` item. A step
+    written by a different number of processes restores the data position they agreed on (see the
+    module docstring; `data_state_for_process_count`).
     """
     items = dict(model=ocp.args.StandardRestore(model_target), opt=ocp.args.StandardRestore(opt_target))
     snapshot = None
-    if with_data and (epath.Path(mngr.directory) / str(step) / "data").exists():
-        snapshot = IteratorSnapshot()
-        items["data"] = grain.checkpoint.CheckpointRestore(snapshot)
+    data_dir = epath.Path(mngr.directory) / str(step) / "data"
+    if with_data and data_dir.exists():
+        index, count = jax.process_index(), jax.process_count()
+        if (data_dir / _state_file(index, count)).exists():
+            snapshot = IteratorSnapshot()
+            items["data"] = grain.checkpoint.CheckpointRestore(snapshot)
+        else:  # written by another process count: read the files directly
+            snapshot = IteratorSnapshot(data_state_for_process_count(data_dir, count))
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
     return restored.model, restored.opt, snapshot
+
+
+_STATE_FILE_RE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")
+
+
+def _state_file(index: int, count: int) -> str:
+    return f"process_{index}-of-{count}.json"  # grain's Orbax handler's name
+
+
+def data_state_for_process_count(data_dir: str | epath.Path, process_count: int) -> dict:
+    """The data iterator state of a checkpoint's `data` item whose files were written by a
+    different number of processes than `process_count`.
+
+    The training pipeline's state is the number of global batches read, the same in every
+    process's file, so it carries over to any process count. Raises ValueError naming the files
+    when they are incomplete, from mixed process counts, unreadable or not identical.
+    """
+    data_dir = epath.Path(data_dir)
+    found: dict[int, dict[int, epath.Path]] = {}
+    for f in data_dir.iterdir():
+        m = _STATE_FILE_RE.match(f.name)
+        if m:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = f
+    if not found:
+        raise ValueError(f"{data_dir}: no data iterator state (process_<i>-of-<n>.json) in the checkpoint")
+    if process_count in found:
+        raise ValueError(f"{data_dir}: holds states written by {process_count} processes; restore them with "
+                         "grain's handler")
+    if len(found) > 1:
+        raise ValueError(f"{data_dir}: data iterator states from several process counts ({sorted(found)})")
+    (old_count, files), = found.items()
+    missing = sorted(set(range(old_count)) - set(files))
+    if missing:
+        raise ValueError(f"{data_dir}: the data iterator states of processes {missing} of {old_count} are missing")
+    states = []
+    for i in range(old_count):
+        try:
+            states.append(json.loads(files[i].read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{files[i]}: unreadable data iterator state ({e})") from None
+    differ = [files[i].name for i in range(1, old_count) if states[i] != states[0]]
+    if differ:
+        raise ValueError(
+            f"{data_dir}: the checkpoint was written by {old_count} processes whose data iterator states differ "
+            f"({files[0].name} vs {', '.join(differ)}), so the data position cannot be carried over to "
+            f"{process_count} processes. Resume with {old_count} processes, or delete {data_dir} to restart "
+            "the data order from the beginning (the model and optimizer still resume).")
+    logging.warning("%s: data iterator state written by %d processes, resumed by %d: every process resumes "
+                    "at the same global batch (%s).", data_dir, old_count, process_count, states[0])
+    return states[0]

@@ -638,6 +638,10 @@ def main(argv: list[str]) -> None:
         data_dir = (ev.get("data_dir") if ev else None) or (data.get("data_dir") if data else None)
     if not data_dir:
         raise app.UsageError("--data_dir is required (the checkpoint's config names no data_dir)")
+    if task_spec(FLAGS.task).dataset == "synthetic":  # prepared on demand: by one process first
+        from eao_jax.data import pipelines  # noqa: PLC0415
+
+        pipelines.prepare_once("synthetic", data_dir, FLAGS.tfds_config)
     log_softmax = {"auto": None, "true": True, "false": False}[FLAGS.log_softmax]
     distributed.log_if_main("Evaluating %s step %d on %s over %d devices (%d processes).", FLAGS.checkpoint, step,
                             FLAGS.task, jax.device_count(), jax.process_count())

@@ -16,6 +16,19 @@ WORKDIR receives checkpoints/ (Orbax: model, opt, config, data per step), metric
 tensorboard/, config.json and results/<task>.json. Rerunning the same command resumes.
 SIGTERM (or a first Ctrl-C) saves a checkpoint at the current step and exits with status 0.
 Exit status 1 with a message for config errors and non-finite losses.
+
+Multi-process (one process per host, or per GPU): start the same command in every process with
+the coordinator settings of `eao_jax.distributed` (--coordinator_address / --num_processes /
+--process_id, the EAO_* variables, SLURM or Cloud TPU detection; see launch/). WORKDIR must be
+one shared directory (all processes write their checkpoint shards there). Every process reads its
+block of each global batch (the global batches are those of a 1-process run with the same config),
+process 0 alone writes metrics.jsonl, TensorBoard, config.json, results and the console output.
+SIGTERM under jax.distributed: JAX's preemption notifier (started by jax.distributed.initialize)
+catches it in whichever process receives it and tells the coordination service, which picks a
+step all processes will reach; at that step `CheckpointManager.reached_preemption` is true in
+every process, they save it together and exit with status 0 ("preempted"). Ctrl-C is not handled
+specially in a multi-process run. A run may resume with another device or process count (model
+and optimizer state are resharded; the data position carries over, see eao_jax.checkpoint).
 """
 
 from __future__ import annotations

@@ -267,8 +267,10 @@ class DevicePrefetcher:
 class StopFlag:
     """Set by SIGTERM (preemption, scancel, docker stop) or a first Ctrl-C: the loop saves and exits.
 
-    Only installed in single-process runs: with jax.distributed, JAX's preemption service owns
-    SIGTERM and the loop asks Orbax's `reached_preemption` (a step all processes agree on).
+    Only installed in single-process runs: with jax.distributed, JAX's preemption notifier owns
+    SIGTERM (in any process) and the loop asks Orbax's `reached_preemption(step)`, true in every
+    process at the same step (chosen by the coordination service); all processes then save that
+    step and stop, as here.
     """
 
     def __init__(self) -> None:
@@ -359,6 +361,7 @@ def make_train_data(config: ml_collections.ConfigDict) -> tuple[Any, int]:
     """
     from eao_jax.data import pipelines  # noqa: PLC0415 (heavy import, only when training)
 
+    pipelines.prepare_once(config.data.dataset, config.data.data_dir, config.data.get("tfds_config"))
     ds = pipelines.open_dataset(config.data.dataset, config.data.data_dir, config.data.get("tfds_config"))
     n_videos = len(ds.source(config.data.get("split") or "train"))
     return pipelines.make_train_iterator(config), n_videos

@@ -65,7 +65,7 @@ def test_process_sharding(syn_dir):
     parts = [_take(pipelines.make_train_iterator(c, process_index=p, process_count=2), 3) for p in (0, 1)]
     for p in parts:
         assert p[0]["video"].shape == (4, 12, 64)  # 2 of the 4 videos x 2 clips
-    # process p gets videos p::2 of the shuffled order: video sets of the first step match the full run's
+    # process p gets block p of each global batch (tests/test_multiprocess.py checks the rows equal the full run's)
     def vids(batch, n):
         return {batch["video"][i * 2, 0].tobytes() for i in range(n)}
 

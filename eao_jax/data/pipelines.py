@@ -16,14 +16,22 @@ Training (HowTo100M and the synthetic `train` split, or fine-tuning on MSR-VTT /
   per process, default 2), read_buffer (batches read ahead per process, default 4), prefetch (batches
   buffered per worker), video_strategy (fine-tuning only; default "clip"). Fields other than those
   of configs/howto100m.py are optional.
-  The global batch is videos_per_batch x clips_per_video clips, flattened; each process gets
-  videos_per_batch / process_count videos (a strided shard of the shuffled, repeated video order).
+  The global batch is videos_per_batch x clips_per_video clips, flattened. Every process walks the
+  same shuffled, repeated video order (from config.seed); global batch k is positions
+  k*videos_per_batch .. (k+1)*videos_per_batch - 1 of it, and process p reads only its contiguous
+  block of videos_per_batch / process_count of them. A video's clips are drawn from a generator
+  seeded by (seed, its position in the order), so the global batch k (process 0's rows, then process
+  1's, ...) is the same whatever the number of processes: a 2-process run and a 1-process run see
+  identical global batches, and the iterator state (the number of batches read) means the same
+  thing under any process count (see `eao_jax.checkpoint.restore_training`).
   For item datasets (msrvtt, youcook2) every row is a different item with a randomly drawn caption
-  (the original's MSR-VTT fine-tuning sampler), videos_per_batch x clips_per_video rows per step.
+  (the original's MSR-VTT fine-tuning sampler), videos_per_batch x clips_per_video rows per step,
+  split into per-process blocks in the same way.
   Batch (B = local rows): video (B, Nv, Dv), video_mask (B, Nv), text (B, Nt, Dt), text_mask (B, Nt),
   audio (B, 40, T_stft), audio_mask (B, T_stft), audio_STFT_nframes (B,) int32 (-1 for HowTo100M).
-  Batches are deterministic from the seed and the process count, whatever num_workers (each batch is
-  built whole by one transform). Iterator state restores into an iterator with the same num_workers.
+  Batches are deterministic from the seed, whatever num_workers and process count (each batch is
+  built whole by one transform, each video with its own generator). Iterator state restores into an
+  iterator with the same num_workers.
 
 Retrieval evaluation (msrvtt `test`, youcook2 `val`, synthetic `retrieval`):
 
@@ -74,12 +82,36 @@ BATCH_KEYS = ("video", "video_mask", "text", "text_mask", "audio", "audio_mask",
 
 
 def open_dataset(name: str, data_dir: str | os.PathLike, config: str | None = None) -> PreparedDataset:
-    """Opens a prepared dataset; the synthetic one is prepared on first use."""
+    """Opens a prepared dataset; the synthetic one is prepared on first use (multi-process runs
+    call `prepare_once` first, so that only one process writes it)."""
     if name == "synthetic":
         from eao_jax.data import synthetic
 
         synthetic.ensure_prepared(data_dir, config or "default")
     return PreparedDataset.open(name, data_dir, config)
+
+
+def prepare_once(name: str, data_dir: str | os.PathLike, config: str | None = None) -> None:
+    """Prepares the synthetic dataset (the only one prepared on demand) before any process opens it.
+
+    Collective under jax.distributed: every process must call it. Process 0 prepares first while
+    the others wait at a barrier, so processes sharing a filesystem never write the same dataset
+    concurrently; on hosts with their own disks, each then prepares its local copy. Other datasets
+    are prepared beforehand with `eao_jax.prepare`: nothing to do.
+    """
+    if name != "synthetic":
+        return
+    import jax
+
+    from eao_jax.data import synthetic
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            synthetic.ensure_prepared(data_dir, config or "default")
+        multihost_utils.sync_global_devices(f"eao_jax prepared synthetic/{config or 'default'}")
+    synthetic.ensure_prepared(data_dir, config or "default")
 
 
 def _features(rec: dict, use_2d: bool, use_3d: bool):
@@ -91,9 +123,57 @@ def _features(rec: dict, use_2d: bool, use_3d: bool):
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
+def position_rng(seed: int, position: int) -> np.random.Generator:
+    """The generator of the element at `position` of the global training order: it depends on
+    the seed and the position only (not on the batch, the process or the process count)."""
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([int(seed), int(position)])))
+
+
+class ProcessBlocks(grain.MapDataset):
+    """This process's contiguous block of every global batch of a (shuffled, repeated) order.
+
+    Global batch k is elements k*global_rows .. (k+1)*global_rows - 1 of `parent`; process p's
+    element j (of batch k = j // local_rows) is parent position
+    k*global_rows + p*local_rows + j % local_rows, with local_rows = global_rows / process_count.
+    Elements are (position, record) pairs, the position seeding that element's randomness
+    (`position_rng`). Only this process's records are read.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_rows: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        if global_rows % process_count:
+            raise ValueError(f"{global_rows} rows per global batch are not divisible by the process count "
+                             f"{process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} is outside 0..{process_count - 1}")
+        self._global_rows = global_rows
+        self._local_rows = global_rows // process_count
+        self._offset = process_index * self._local_rows
+        self._length = (len(parent) // global_rows) * self._local_rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def position(self, index: int) -> int:
+        """The parent (global order) position of this process's element `index`."""
+        batch, row = divmod(index, self._local_rows)
+        return batch * self._global_rows + self._offset + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        pos = self.position(index)
+        return pos, self._parent[pos]
+
+    def __str__(self) -> str:
+        return (f"ProcessBlocks(rows {self._offset}..{self._offset + self._local_rows - 1} of every "
+                f"{self._global_rows})")
+
+
 @dataclasses.dataclass
-class HowToBatch(grain.transforms.RandomMap):
-    """A list of HowTo-layout records -> `n_clips` random clips of each, written into one batch."""
+class HowToBatch(grain.transforms.Map):
+    """A list of (position, HowTo-layout record) -> `n_clips` random clips of each, written into one
+    batch; each video's clips come from `position_rng(seed, position)`."""
 
     table: WordTable
     n_clips: int
@@ -107,12 +187,14 @@ class HowToBatch(grain.transforms.RandomMap):
     max_words: int = 20
     n_stft: int = 768
     n_video_tokens: int = 12
+    seed: int = 0
 
-    def random_map(self, recs: list[dict], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def map(self, recs: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
         n = self.n_clips
         out = howto.empty_clips(len(recs) * n, video_dim=self.video_dim, text_dim=self.table.dim,
                                 max_words=self.max_words, n_stft=self.n_stft, n_video_tokens=self.n_video_tokens)
-        for v, rec in enumerate(recs):
+        for v, (position, rec) in enumerate(recs):
+            rng = position_rng(self.seed, position)
             f2, f3 = _features(rec, self.use_2d, self.use_3d)
             caption = {"start": rec["caption_start"], "end": rec["caption_end"], "text": rec["caption_text"]}
             howto.fill_clips(out, v * n, caption, rec["audio"], f2, f3, rng, self.table, n,
@@ -154,15 +236,18 @@ class ItemInputs:
 
 
 @dataclasses.dataclass
-class RandomCaptionBatch(grain.transforms.RandomMap):
-    """Fine-tuning sampler: each item with a caption drawn uniformly from its captions, stacked."""
+class RandomCaptionBatch(grain.transforms.Map):
+    """Fine-tuning sampler: each (position, item) with a caption drawn uniformly from its captions
+    (by `position_rng(seed, position)`), stacked."""
 
     inputs: ItemInputs
+    seed: int = 0
 
-    def random_map(self, recs: list[dict], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def map(self, recs: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
         rows = []
-        for rec in recs:
+        for position, rec in recs:
             caps = rec["captions"] or [rec["caption"]]
+            rng = position_rng(self.seed, position)
             rows.append(self.inputs(rec, caps[int(rng.integers(len(caps)))]))
         return {k: np.concatenate([r[k] for r in rows]) for k in BATCH_KEYS}
 
@@ -195,26 +280,30 @@ def train_dataset(config, *, process_index: int | None = None, process_count: in
     src = ds.source(split)
     if len(src) == 0:
         raise ValueError(f"{ds.path}: split {split!r} is empty")
-    # Shuffle (reshuffled each epoch), repeat, shard per process, group the records of one step.
-    base = grain.MapDataset.source(src).seed(seed).shuffle().repeat()[pi::pc]
+    # Shuffle (reshuffled each epoch) and repeat: the global order, the same on every process.
+    order = grain.MapDataset.source(src).seed(seed).shuffle().repeat()
     local_videos = vpb // pc
     if layout == "howto":
         transform = HowToBatch(
             table=table, n_clips=cpv, use_2d=ds.use_2d, use_3d=ds.use_3d, fps_2d=fps_2d, fps_3d=fps_3d,
             video_dim=ds.video_dim, misaligned=bool(data.text_audio_misaligned), min_time=float(data.min_time),
-            max_words=int(data.max_words), n_stft=int(data.n_stft), n_video_tokens=int(data.n_video_tokens))
+            max_words=int(data.max_words), n_stft=int(data.n_stft), n_video_tokens=int(data.n_video_tokens),
+            seed=seed)
         batch_size = local_videos
     elif layout == "items":
         transform = RandomCaptionBatch(ItemInputs(
             table=table, use_2d=ds.use_2d, use_3d=ds.use_3d, n_video_tokens=int(data.n_video_tokens),
             n_stft=int(data.n_stft), max_words=int(data.max_words),
-            strategy=_cfg(data, "video_strategy", "clip")))
+            strategy=_cfg(data, "video_strategy", "clip")), seed=seed)
         batch_size = local_videos * cpv
     else:
         raise ValueError(f"{ds.path}: split {split!r} has layout {layout!r}; training needs 'howto' or 'items'")
+    # This process's block of each global batch (contiguous, so that the global batch assembled by
+    # `jax.make_array_from_process_local_data` in process order is the 1-process batch).
+    local = ProcessBlocks(order, batch_size * pc, pi, pc)
     # Batches are built whole by one transform (clips written straight into the batch arrays), so a
     # batch's content does not depend on the number of threads or worker processes.
-    batches = base.batch(batch_size, drop_remainder=True, batch_fn=list).random_map(transform)
+    batches = local.batch(batch_size, drop_remainder=True, batch_fn=list).map(transform)
     read = grain.ReadOptions(num_threads=int(_cfg(data, "read_threads", 2)),
                              prefetch_buffer_size=int(_cfg(data, "read_buffer", 4)))
     it = batches.to_iter_dataset(read)
