@@ -568,7 +568,8 @@ def format_results(results: Mapping[str, Any]) -> str:
 
 
 def evaluate_model(model: EverythingAtOnce, config: ml_collections.ConfigDict, *, task: str,
-                   step: int | None = None, output: str | os.PathLike | None = None) -> dict[str, Any]:
+                   step: int | None = None, output: str | os.PathLike | None = None,
+                   checkpoint: str | None = None) -> dict[str, Any]:
     """The training hook (`train.run_evaluations`): evaluates with the settings of `config.eval`.
 
     Reads config.eval.data_dir (default config.data.data_dir), config.eval.batch_size and, when
@@ -586,7 +587,7 @@ def evaluate_model(model: EverythingAtOnce, config: ml_collections.ConfigDict, *
     return evaluate_task(model, task, data_dir=data_dir, strategy=ev.get("strategy") or "at_once", config=config,
                          batch_size=ev.get("batch_size"), tfds_config=tfds_config,
                          loc_embedding=ev.get("loc_embedding") or DEFAULT_LOC_EMBEDDING,
-                         decoder=ev.get("decoder") or "dp", step=step, output=output)
+                         decoder=ev.get("decoder") or "dp", checkpoint=checkpoint, step=step, output=output)
 
 
 # ------------------------------------------------------------------------------------------------

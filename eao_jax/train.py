@@ -396,7 +396,7 @@ def run_evaluations(model: EverythingAtOnce, config: ml_collections.ConfigDict, 
 
     results = {}
     for task in tasks:
-        results[task] = evaluate_model(model, config, task=task, step=step,
+        results[task] = evaluate_model(model, config, task=task, step=step, checkpoint=str(_checkpoint_dir(workdir)),
                                        output=os.path.join(out_dir, f"{task}.json"))
     return results
 
