@@ -160,6 +160,12 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
     eval_mode = bool(config.train.get("use_eval_mode_always", False))
 
     def step(state: nnx.State, batch: dict[str, jax.Array]) -> tuple[nnx.State, dict[str, jax.Array]]:
+        # The model pins its activations to the `data` axis (layers.shard_batch); that needs the mesh
+        # visible while tracing, or GSPMD may gather the global batch onto every device.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _step(state, batch)
+
+    def _step(state: nnx.State, batch: dict[str, jax.Array]) -> tuple[nnx.State, dict[str, jax.Array]]:
         # The raw arrays of the incoming state: merge shares Variable objects with `state`, and the
         # forward pass (BatchNorm) and the optimizer update those in place.
         old_leaves = jax.tree.leaves(state)

@@ -8,14 +8,16 @@ Layouts: v2 (paper) 6 stages [2,2,1,1,1,1] -> T/64; v1 4 stages [2,2,2,2] -> T/1
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
-from eao_jax.model.layers import BatchNorm
+from eao_jax.model.layers import BatchNorm, shard_batch
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype) -> nnx.Conv:
@@ -25,6 +27,65 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtyp
     return nnx.Conv(cin, cout, kernel_size=(kernel,), strides=(stride,), padding=[(pad, pad)],
                     use_bias=False, kernel_init=jax.nn.initializers.normal(std), dtype=dtype,
                     param_dtype=jnp.float32, rngs=rngs)
+
+
+def _conv1d_xla(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    # What nnx.Conv computes: (B, T, Cin) * (k, Cin, Cout), zero padding k // 2 on both sides.
+    pad = w.shape[0] // 2
+    return lax.conv_general_dilated(x, w, (stride,), [(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+def _reversed_input_grad(w: jax.Array, dy: jax.Array, t_in: int, stride: int) -> jax.Array:
+    """dx of `_conv1d_xla` as a correlation of the time-reversed (dilated) dy with the kernel,
+    reversed back. The kernel then needs only its in/out channels swapped (a plain transpose),
+    not the spatially reversed transposed copy XLA:CPU otherwise makes of every kernel each step."""
+    k = w.shape[0]
+    pad = k // 2
+    dilated = stride * (dy.shape[1] - 1) + 1
+    lo, hi = t_in + pad - dilated, k - 1 - pad
+    r = lax.conv_general_dilated(dy[:, ::-1], w, (1,), [(lo, hi)], lhs_dilation=(stride,),
+                                 dimension_numbers=("NWC", "WOI", "NWC"))
+    return r[:, ::-1]
+
+
+def _use_reversed_input_grad(x: jax.Array, w: jax.Array, dy: jax.Array) -> bool:
+    # Measured on XLA:CPU (2 cores, fp32): it wins when the kernel outweighs the activations that
+    # get reversed (dy and dx); elsewhere, and on other backends, XLA's own transpose is kept.
+    k, cin, cout = w.shape
+    return jax.default_backend() == "cpu" and k * cin * cout > x.shape[0] * (x.shape[1] * cin + dy.shape[1] * cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv1d(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """1-D convolution over time with `k // 2` zero padding: (B, T, Cin), (k, Cin, Cout) ->
+    (B, ceil(T / stride), Cout). The forward pass and the kernel gradient are XLA's convolution;
+    the input gradient may take the reversed form above (same values up to float rounding)."""
+    return _conv1d_xla(x, w, stride)
+
+
+def _conv1d_fwd(x: jax.Array, w: jax.Array, stride: int):
+    return _conv1d_xla(x, w, stride), (x, w)
+
+
+def _conv1d_bwd(stride: int, res, dy: jax.Array):
+    x, w = res
+    dw = jax.vjp(lambda w_: _conv1d_xla(x, w_, stride), w)[1](dy)[0]
+    if _use_reversed_input_grad(x, w, dy):
+        dx = _reversed_input_grad(w, dy, x.shape[1], stride)
+    else:
+        dx = jax.vjp(lambda x_: _conv1d_xla(x_, w, stride), x)[1](dy)[0]
+    return dx, dw
+
+
+conv1d.defvjp(_conv1d_fwd, _conv1d_bwd)
+
+
+def _apply_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """`conv(x)` (its kernel, stride and compute dtype) through `conv1d`."""
+    w = conv.kernel[...]
+    dtype = conv.dtype or jnp.result_type(x.dtype, w.dtype)
+    stride = conv.strides[0] if isinstance(conv.strides, Sequence) else int(conv.strides)
+    return conv1d(x.astype(dtype), w.astype(dtype), int(stride))
 
 
 class BasicBlock(nnx.Module):
@@ -45,9 +106,9 @@ class BasicBlock(nnx.Module):
             self.down_bn = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        residual = x if self.down_conv is None else self.down_bn(self.down_conv(x))
+        out = jax.nn.relu(self.bn1(shard_batch(_apply_conv(self.conv1, x))))
+        out = self.bn2(shard_batch(_apply_conv(self.conv2, out)))
+        residual = x if self.down_conv is None else self.down_bn(shard_batch(_apply_conv(self.down_conv, x)))
         return jax.nn.relu(out + residual)
 
 
@@ -84,7 +145,7 @@ class DAVEnet(nnx.Module):
         if spec.ndim != 3 or spec.shape[1] != self.n_mels:
             raise ValueError(f"audio must be (B, {self.n_mels}, T), got {spec.shape}")
         x = jnp.swapaxes(spec, 1, 2)  # (B, T, n_mels)
-        x = jax.nn.relu(self.stem_bn(self.stem(x)))
+        x = jax.nn.relu(self.stem_bn(shard_batch(self.stem(x))))
         for stage in self.stages:
             for block in stage:
                 if self.remat:

@@ -219,21 +219,25 @@ class EverythingAtOnce(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
             key_valid = jnp.concatenate([jnp.ones((b, n_cls), bool), key_valid], axis=1)
         n_pass = len(passes)
-        xp = jnp.broadcast_to(x[None], (n_pass,) + x.shape).reshape((n_pass * b,) + x.shape[1:])
-        attn_mask = jnp.asarray(same_group)[:, None, None] & key_valid[None, :, None, None, :]
-        attn_mask = attn_mask.reshape(n_pass * b, 1, length, length)
+        # Passes are stacked batch-major, (B, P) -> B * P rows: the batch axis stays the leading one, so
+        # a batch sharded over devices keeps its sharding through the reshape (pass-major stacking
+        # would make GSPMD gather the whole global batch onto every device).
+        xp = jnp.broadcast_to(x[:, None], (b, n_pass) + x.shape[1:]).reshape((b * n_pass,) + x.shape[1:])
+        attn_mask = jnp.asarray(same_group)[None, :, None] & key_valid[:, None, None, None, :]
+        attn_mask = attn_mask.reshape(b * n_pass, 1, length, length)
         if return_attention:
-            return {"weights": self.fusion.attention_weights(xp, attn_mask), "gid": gid,
-                    "spans": spans, "n_cls": n_cls}
-        y = self.fusion(xp, attn_mask).reshape((n_pass, b, length, -1))
+            weights = [w.reshape((b, n_pass) + w.shape[1:]).swapaxes(0, 1).reshape(w.shape)  # pass-major rows
+                       for w in self.fusion.attention_weights(xp, attn_mask)]
+            return {"weights": weights, "gid": gid, "spans": spans, "n_cls": n_cls}
+        y = self.fusion(xp, attn_mask, chunks=n_pass).reshape((b, n_pass, length, -1))
 
         out = {}
         for p, groups in enumerate(passes):
             for g, group in enumerate(groups):
                 if self.use_cls_token:
-                    out[group] = y[p, :, g]
+                    out[group] = y[:, p, g]
                 else:
-                    out[group] = {m: masked_mean(y[p, :, spans[m][0]:spans[m][1]], masks[m]) for m in group}
+                    out[group] = {m: masked_mean(y[:, p, spans[m][0]:spans[m][1]], masks[m]) for m in group}
         return out
 
     def _project(self, m: str, x: jax.Array) -> jax.Array:
@@ -276,9 +280,11 @@ class EverythingAtOnce(nnx.Module):
             for m, items in work.items():
                 if not items:
                     continue
-                ys = self._project(m, jnp.concatenate([v for _, v in items], axis=0))
+                # Stacked batch-major, (B, n, D) -> (B * n, D), so a sharded batch stays sharded.
+                xs = jnp.stack([v for _, v in items], axis=1)
+                ys = self._project(m, xs.reshape((-1, xs.shape[-1]))).reshape(xs.shape[:2] + (-1,))
                 for i, (group, _) in enumerate(items):
-                    projected[(group, m)] = ys[i * ys.shape[0] // len(items):(i + 1) * ys.shape[0] // len(items)]
+                    projected[(group, m)] = ys[:, i]
             for group in pooled:
                 if len(group) == 1:
                     out[f"{group[0]}_embed"] = projected[(group, group[0])]

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eao_jax.model.layers import layer_norm, linear
+from eao_jax.model.layers import layer_norm, linear, shard_batch
 
 
 class Attention(nnx.Module):
@@ -27,7 +27,7 @@ class Attention(nnx.Module):
         """
         n, length, dim = x.shape
         h = self.num_heads
-        qkv = self.qkv(x).reshape(n, length, 3, h, dim // h)
+        qkv = shard_batch(self.qkv(x)).reshape(n, length, 3, h, dim // h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, L, H, Dh)
         scale = (dim // h) ** -0.5
         logits = jnp.einsum("nqhd,nkhd->nhqk", q * jnp.asarray(scale, q.dtype), k,
@@ -35,7 +35,7 @@ class Attention(nnx.Module):
         logits = jnp.where(mask, logits, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("nhqk,nkhd->nqhd", weights.astype(v.dtype), v).reshape(n, length, dim)
-        out = self.proj(out)
+        out = shard_batch(self.proj(out))
         return (out, weights) if return_weights else out
 
 
@@ -55,7 +55,7 @@ class Block(nnx.Module):
         a = self.attn(self.norm1(x), mask, return_weights=return_weights)
         a, w = a if return_weights else (a, None)
         x = x + a
-        x = x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+        x = x + shard_batch(self.fc2(jax.nn.gelu(shard_batch(self.fc1(self.norm2(x))), approximate=False)))
         return (x, w) if return_weights else x
 
 
@@ -71,14 +71,42 @@ class FusionTransformer(nnx.Module):
         ])
         self.remat = remat
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: (N, L, D), mask broadcastable to (N, 1, L, L) -> (N, L, D)."""
+    def __call__(self, x: jax.Array, mask: jax.Array, *, chunks: int = 1) -> jax.Array:
+        """x: (N, L, D), mask broadcastable to (N, 1, L, L) -> (N, L, D).
+
+        With remat and `chunks` > 1 (dividing N), the rows are run through the stack in `chunks`
+        sequential groups (rows i with i % chunks == c form group c; for batch-major stacked passes
+        that is one pass per group), each rematerialised: the backward pass then holds one group's
+        intermediates at a time, not all of them (a single block's remat alone saves nothing).
+        """
+        x = shard_batch(x)
+        if self.remat and chunks > 1 and len(self.blocks) and x.shape[0] % chunks == 0:
+            return self._chunked(x, mask, chunks)
         for block in self.blocks:
             if self.remat:
                 x = nnx.remat(lambda b, y, m: b(y, m))(block, x, mask)
             else:
                 x = block(x, mask)
         return x
+
+    def _chunked(self, x: jax.Array, mask: jax.Array, chunks: int) -> jax.Array:
+        n = x.shape[0]
+        mask = jnp.broadcast_to(mask, (n,) + mask.shape[1:])
+
+        def split(a: jax.Array) -> jax.Array:
+            # (N, ...) -> (chunks, N / chunks, ...) keeping the leading (sharded) order of rows.
+            return a.reshape((n // chunks, chunks) + a.shape[1:]).swapaxes(0, 1)
+
+        graphdef, state = nnx.split(self.blocks)
+
+        @jax.checkpoint
+        def run(xc: jax.Array, mc: jax.Array) -> jax.Array:
+            for block in nnx.merge(graphdef, state):
+                xc = block(xc, mc)
+            return xc
+
+        _, ys = jax.lax.scan(lambda carry, inp: (carry, run(*inp)), None, (split(x), split(mask)))
+        return ys.swapaxes(0, 1).reshape(x.shape)
 
     def attention_weights(self, x: jax.Array, mask: jax.Array) -> list[jax.Array]:
         """Per-block attention weights (N, H, L, L), for the attention analysis."""

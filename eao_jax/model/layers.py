@@ -7,6 +7,27 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
+
+DATA_AXIS = "data"  # the mesh axis the batch is split over (eao_jax.parallel.DATA_AXIS)
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """Pins an activation's leading (batch) axis to the mesh's ``data`` axis, other axes replicated.
+
+    Under FSDP the large weights are sharded over ``data`` too; without this, GSPMD may follow the
+    weight's sharding and split an activation over its feature axis, gathering the whole global
+    batch onto every device. With the batch pinned it gathers the weight instead (FSDP proper).
+    A no-op outside a mesh context (`jax.set_mesh`), with a data axis of size 1, or when the batch
+    does not divide. Values are unchanged either way.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return x
+    n = mesh.shape[DATA_AXIS]
+    if n == 1 or x.ndim == 0 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(DATA_AXIS))
 
 
 def torch_linear_init(fan_in: int):
@@ -55,10 +76,10 @@ class Projection(nnx.Module):
         self.cg = linear(dout, dout, rngs=rngs, dtype=dtype) if kind == "gated" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        z = self.fc(x)
+        z = shard_batch(self.fc(x))
         if self.cg is None:
             return z
-        return z * jax.nn.sigmoid(self.cg(z))
+        return z * jax.nn.sigmoid(shard_batch(self.cg(z)))
 
 
 def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
