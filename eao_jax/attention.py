@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from eao_jax.evaluation.report import save_png
 from eao_jax.model.eao import MODALITIES, SHORT, EverythingAtOnce
 
 CLS = "cls"
@@ -170,11 +171,7 @@ def plot_attention(path: str | os.PathLike, result: Mapping[str, Any], title: st
         fig.colorbar(im, ax=ax2, fraction=0.03)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(os.fspath(path), format="png")
+    save_png(fig, path)
 
 
 def analyse_checkpoint(checkpoint: str, task: str, output: str | os.PathLike, *, data_dir: str,

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eao_jax.evaluation.retrieval import as_float_matrix
+
 # The 18 annotated "primary" tasks of CrossTask (Zhukov et al., CVPR 2019): the task ids listed in
 # crosstask_release/tasks_primary.txt of the CrossTask release (github.com/DmZhukov/CrossTask).
 CROSSTASK_PRIMARY_TASKS: tuple[str, ...] = (
@@ -38,8 +40,8 @@ CONVENTIONS: tuple[str, ...] = ("per_video", "pooled")
 
 def step_similarity(step_embed: np.ndarray, window_embed: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     """Cosine similarity between windows and steps: step_embed (K, D), window_embed (T, D) -> (T, K)."""
-    steps = _finite_matrix(step_embed, "step embeddings")
-    windows = _finite_matrix(window_embed, "window embeddings")
+    steps = as_float_matrix(step_embed, "step embeddings")
+    windows = as_float_matrix(window_embed, "window embeddings")
     if steps.shape[1] != windows.shape[1]:
         raise ValueError(f"embedding sizes differ: steps {steps.shape}, windows {windows.shape}")
     steps = steps / np.maximum(np.linalg.norm(steps, axis=1, keepdims=True), eps)
@@ -49,7 +51,7 @@ def step_similarity(step_embed: np.ndarray, window_embed: np.ndarray, eps: float
 
 def log_softmax_rows(scores: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax over the K steps: (T, K) -> (T, K) float64."""
-    s = _finite_matrix(scores, "scores").astype(np.float64)
+    s = as_float_matrix(scores, "scores").astype(np.float64)
     m = s.max(axis=1, keepdims=True)
     return s - m - np.log(np.sum(np.exp(s - m), axis=1, keepdims=True))
 
@@ -66,7 +68,7 @@ def ordered_step_times(scores: np.ndarray) -> np.ndarray:
     Returns:
       (K,) int64 strictly increasing window indices, one per step.
     """
-    s = _finite_matrix(scores, "scores").astype(np.float64)
+    s = as_float_matrix(scores, "scores").astype(np.float64)
     num_t, num_k = s.shape
     if num_k == 0:
         raise ValueError("scores have no steps (K = 0)")
@@ -106,7 +108,7 @@ def predict_steps(scores: np.ndarray, decoder: str = "dp", log_softmax: bool = F
     Returns:
       (T, K) int8 with 1 where window t is predicted to show step k.
     """
-    s = log_softmax_rows(scores) if log_softmax else _finite_matrix(scores, "scores")
+    s = log_softmax_rows(scores) if log_softmax else as_float_matrix(scores, "scores")
     num_t, num_k = s.shape
     y = np.zeros((num_t, num_k), dtype=np.int8)
     if decoder == "dp":
@@ -262,14 +264,3 @@ def evaluate_localisation(
 
 def _task_sort_key(task: str) -> tuple[int, int | str]:
     return (0, int(task)) if task.isdigit() else (1, task)
-
-
-def _finite_matrix(x: np.ndarray, what: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{what} must be 2-D, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float64)
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{what} contain NaN or inf")
-    return x

@@ -180,6 +180,11 @@ def plot_recall_at_k(
     ax.legend()
     if title:
         ax.set_title(title)
+    save_png(fig, path)
+
+
+def save_png(fig, path: str | os.PathLike) -> None:
+    """Lays out `fig` and writes it as a PNG at `path`, creating the folder."""
     fig.tight_layout()
     parent = os.path.dirname(os.fspath(path))
     if parent:

@@ -73,7 +73,7 @@ def split_direction(direction: str) -> tuple[str, str]:
 
 def normalize_embeddings(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     """Row-wise L2 normalisation x / max(||x||, eps). x: (N, D) -> (N, D), float32 or wider."""
-    x = _as_float_matrix(x, "embeddings")
+    x = as_float_matrix(x, "embeddings")
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norm, eps)
 
@@ -292,10 +292,11 @@ def average_embeddings_by_id(
     return unique_ids, out
 
 
-def _as_float_matrix(x: np.ndarray, what: str) -> np.ndarray:
+def as_float_matrix(x: np.ndarray, what: str) -> np.ndarray:
+    """A finite 2-D float array (integers become float32); errors name `what`."""
     x = np.asarray(x)
     if x.ndim != 2:
-        raise ValueError(f"{what} must be 2-D (N, D), got shape {x.shape}")
+        raise ValueError(f"{what} must be 2-D, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
