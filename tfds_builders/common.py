@@ -25,9 +25,7 @@ use_2d/use_3d, dim_2d/dim_3d, fps_2d/fps_3d, feature_dtype, audio_dtype, word2ve
 
 from __future__ import annotations
 
-import contextlib
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -37,6 +35,7 @@ import tensorflow_datasets as tfds
 from eao_jax.data import records
 from eao_jax.data import text as text_lib
 from eao_jax.data import validate as V
+from tfds_builders import writer
 
 BYTES = tfds.features.Encoding.BYTES
 
@@ -75,38 +74,6 @@ LOCALIZATION_FIELDS = {
     "steps": tfds.features.Sequence(tfds.features.Text()),
     **matrix_feature("annotation", np.uint8),
 }
-
-
-@contextlib.contextmanager
-def array_record_options(extra: str | None):
-    """Appends `extra` to the ArrayRecord writer options TFDS uses ('group_size:1'), e.g. 'uncompressed'.
-
-    TFDS writes ArrayRecord with zstd:3 compression by default; uncompressed records decode about 4x
-    faster (worth it for the small synthetic dataset, not for terabytes of HowTo100M features).
-    """
-    from tensorflow_datasets.core import file_adapters
-
-    real = getattr(file_adapters, "array_record_module", None)
-    if not extra or real is None or not hasattr(real, "ArrayRecordWriter"):
-        if extra:
-            warnings.warn("cannot set ArrayRecord writer options with this TFDS version; using its defaults",
-                          stacklevel=2)
-        yield
-        return
-
-    class _Writer:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        @staticmethod
-        def ArrayRecordWriter(path, options="", *args):  # noqa: N802 (the wrapped API's name)
-            return real.ArrayRecordWriter(path, ",".join(o for o in (options, extra) if o), *args)
-
-    file_adapters.array_record_module = _Writer()
-    try:
-        yield
-    finally:
-        file_adapters.array_record_module = real
 
 
 class FeatureConfig(tfds.core.BuilderConfig):
@@ -152,7 +119,8 @@ class EaoBuilder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     PATH_OPTIONS: tuple[str, ...] = ()
-    ARRAY_RECORD_OPTIONS: str | None = None  # extra writer options, e.g. "uncompressed" (default: zstd)
+    # Extra ArrayRecord writer options, e.g. "uncompressed" (default: zstd, level 3).
+    ARRAY_RECORD_OPTIONS: str | None = None
 
     def __init__(self, *, word2vec: str | os.PathLike | None = None, skip_bad: bool = False,
                  paths: dict[str, str] | None = None, feature_dims: tuple[int | None, int | None] | None = None,
@@ -244,15 +212,26 @@ class EaoBuilder(tfds.core.GeneratorBasedBuilder):
             return None
         return text_lib.build_word_table(self._word2vec, self._tokens)
 
-    # -- TFDS hook ---------------------------------------------------------------------------
+    # -- TFDS hooks --------------------------------------------------------------------------
+    def _generate_splits(self, dl_manager, download_config) -> list:
+        """Writes each split's examples in generation order straight into shards (see
+        `tfds_builders.writer`: no TensorFlow, no split held in memory)."""
+        from tensorflow_datasets.core import utils as tfds_utils
+
+        infos = []
+        for split, gen in self._split_generators(dl_manager).items():
+            examples = (ex for _, ex in tfds_utils.tqdm(gen, desc=f"{self.name}/{split}", unit=" items", leave=False))
+            infos.append(writer.stream_split(self.info.features, examples, self._get_filename_template(split),
+                                             options=self.ARRAY_RECORD_OPTIONS))
+        return infos
+
     def _download_and_prepare(self, dl_manager, download_config) -> None:
         self._report = V.Report()
         self._tokens: set[str] = set()
         self._dims: dict[str, int | None] = {}
         meta = self.info.metadata
         meta["layouts"] = {}
-        with array_record_options(self.ARRAY_RECORD_OPTIONS):
-            super()._download_and_prepare(dl_manager, download_config)
+        super()._download_and_prepare(dl_manager, download_config)
 
         cfg = self.builder_config
         out_dir = os.fspath(self.data_dir)  # the temporary directory TFDS renames when done

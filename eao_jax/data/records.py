@@ -42,3 +42,34 @@ def decode(record: dict[str, Any]) -> dict[str, Any]:
             v = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in v]
         out[k] = v
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fast reading of serialized records (training hot path)
+# --------------------------------------------------------------------------------------------
+# TFDS writes each record as a `tf.train.Example` protobuf. Decoding one through TFDS's generic
+# per-feature path costs about 130 us per record, more than reading it; the training loader parses
+# the protobuf itself (about 20 us) and views the byte fields as arrays.
+
+
+def parse_example(raw: bytes) -> Any:
+    """A serialized `tf.train.Example` -> its feature map (name -> `Feature` protobuf)."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    return tf_example_pb2.Example.FromString(raw).features.feature
+
+
+def raw_array(feature: Any, dtype, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A BYTES-encoded tensor feature as a read-only array (`shape` may hold one -1)."""
+    values = feature.bytes_list.value
+    arr = np.frombuffer(values[0], dtype=dtype) if values else np.zeros((0,), dtype)
+    return arr if shape is None else arr.reshape(shape)
+
+
+def raw_int(feature: Any) -> int:
+    return int(feature.int64_list.value[0])
+
+
+def raw_text(feature: Any) -> str:
+    values = feature.bytes_list.value
+    return values[0].decode("utf-8") if values else ""
