@@ -56,8 +56,13 @@ def _remove_stale_incomplete(builder) -> list[str]:
 def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None, *,
             config: str | None = None, word2vec: str | os.PathLike | None = None, skip_bad: bool = False,
             paths: dict[str, str] | None = None, feature_dims: tuple[int | None, int | None] | None = None,
-            progress: bool = False) -> dict[str, Any]:
+            progress: bool = False, beam_options: Any = None, workers: int | None = None,
+            videos_per_shard: int | None = None, chunk_seconds: int | None = None) -> dict[str, Any]:
     """Prepares one dataset (see the module docstring). Returns the summary dict that `main` prints.
+
+    HowTo100M only: `workers` runs the preparation on Apache Beam's DirectRunner over that many local
+    processes (0: one per core), `beam_options` ('k=v,...' or PipelineOptions) on any Beam runner;
+    `videos_per_shard` and `chunk_seconds` override the config's shard size and chunk length.
 
     Summary keys: dataset, path, status ("prepared" | "exists"), written {split: n},
     skipped {split: {reason: n}}, report (path of prepare_report.json), notes, word_table.
@@ -69,9 +74,25 @@ def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.Path
     from eao_jax.data import validate as V
 
     cls = tfds_builders.builder_class(dataset)
+    extra: dict[str, Any] = {}
+    if workers is not None:
+        if beam_options is not None:
+            raise ValueError("give either --workers or --beam_pipeline_options, not both")
+        from tfds_builders.howto100m import beam_prepare
+
+        beam_options = beam_prepare.local_options(workers)
+    elif isinstance(beam_options, str):
+        from tfds_builders.howto100m import beam_prepare
+
+        beam_options = beam_prepare.pipeline_options(beam_options)
+    if dataset == "howto100m":
+        extra = dict(videos_per_shard=videos_per_shard, chunk_seconds=chunk_seconds, progress=progress)
+    elif beam_options is not None or videos_per_shard or chunk_seconds:
+        raise ValueError(f"--workers / --beam_pipeline_options / --videos_per_shard / --chunk_seconds apply to "
+                         f"howto100m only ({dataset} is small enough for one process)")
     builder = cls(data_dir=os.fspath(data_dir), config=config, file_format="array_record", word2vec=word2vec,
                   skip_bad=skip_bad, paths={k: v for k, v in (paths or {}).items() if v},
-                  feature_dims=feature_dims)
+                  feature_dims=feature_dims, **extra)
     path = os.fspath(builder.data_path)
     status = "exists"
     notes: list[str] = []
@@ -84,7 +105,8 @@ def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.Path
             raise ValueError(f"--manual_dir is required for {dataset}")
         tfds.display_progress_bar(progress)
         dl_config = tfds.download.DownloadConfig(
-            manual_dir=None if manual_dir is None else os.fspath(manual_dir), try_download_gcs=False)
+            manual_dir=None if manual_dir is None else os.fspath(manual_dir), try_download_gcs=False,
+            beam_options=beam_options)
         builder.download_and_prepare(download_config=dl_config)
     table_path = os.path.join(path, text_lib.WORD_VECTORS_FILE)
     if status == "exists" and word2vec is not None and not os.path.exists(table_path):
@@ -128,6 +150,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("config", None, "builder config (e.g. resnet, s3d, clip; synthetic: tiny, default)")
     flags.DEFINE_bool("skip_bad", False, "skip unusable items and count them in prepare_report.json")
     flags.DEFINE_string("feature_dims", None, "expected 'D2,D3' feature widths overriding the config's")
+    flags.DEFINE_integer("workers", None, "howto100m: prepare on Apache Beam's DirectRunner with this many local "
+                         "processes (0: one per core; needs the beam extra)")
+    flags.DEFINE_string("beam_pipeline_options", None, "howto100m: Apache Beam pipeline options 'k=v,k=v' "
+                        "(e.g. runner=DataflowRunner,project=...,region=...,temp_location=gs://...)")
+    flags.DEFINE_integer("videos_per_shard", None, "howto100m: videos per output shard (default 128, ~1 GB)")
+    flags.DEFINE_integer("chunk_seconds", None, "howto100m: seconds per chunk record (default 8; even)")
     for name in PATH_FLAGS:
         flags.DEFINE_string(name, None, f"location of the released `{name}` (relative to --manual_dir or absolute)")
     flags.mark_flags_as_required(["dataset", "data_dir"])
@@ -141,7 +169,9 @@ def main(argv: list[str]) -> None:
         summary = prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir, config=FLAGS.config,
                           word2vec=FLAGS.word2vec, skip_bad=FLAGS.skip_bad,
                           paths={k: getattr(FLAGS, k) for k in PATH_FLAGS},
-                          feature_dims=_parse_dims(FLAGS.feature_dims), progress=True)
+                          feature_dims=_parse_dims(FLAGS.feature_dims), progress=True,
+                          beam_options=FLAGS.beam_pipeline_options, workers=FLAGS.workers,
+                          videos_per_shard=FLAGS.videos_per_shard, chunk_seconds=FLAGS.chunk_seconds)
     except (PrepareError, FileNotFoundError, ValueError) as e:
         print(f"prepare failed: {e}", file=sys.stderr)
         sys.exit(1)

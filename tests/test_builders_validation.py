@@ -9,6 +9,7 @@ import pytest
 from fixtures_data import howto_file, item_list, word2vec_fixture, write_howto, write_localization, write_pickle
 
 from eao_jax.data.dataset import PreparedDataset
+from eao_jax.data.howto_store import HowToStore
 from eao_jax.data.validate import PrepareError, load_pickle
 from eao_jax.prepare import prepare
 
@@ -54,11 +55,11 @@ def test_wrong_feature_dimension(tmp_path):
         _prep_howto(tmp_path)
 
 
-def test_inferred_dimension_is_enforced(tmp_path):
-    videos, ids = _howto(tmp_path)
-    np.savez(howto_file(tmp_path / "m", videos, ids[2], "3d"), features=np.ones((30, 4), np.float32))
-    with pytest.raises(PrepareError, match=rf"item '{ids[2]}'.*3D features has dimension 4, expected 5"):
-        # no expected width for 3D: the first item's width (5) is enforced on the others
+def test_widths_come_from_the_config(tmp_path):
+    _howto(tmp_path)
+    # no 3D override: the config's width (2048) is expected, not the first video's; the error says how out
+    with pytest.raises(PrepareError, match=r"item 'vid000'.*3D features has dimension 5, expected 2048; .*--config"
+                                           r".*--feature_dims=D2,D3"):
         prepare("howto100m", tmp_path / "d", tmp_path / "m", config="resnet_fp32", feature_dims=(6, None))
 
 
@@ -140,7 +141,8 @@ def test_skip_bad_writes_a_counted_report(tmp_path):
     ds = PreparedDataset(s["path"])
     assert ds.num_examples("train") == 2 and ds.complete_dataset_size("train") == 6
     assert ds.metadata["skipped"] == {"train": 4}
-    assert sorted(ds.source("train")[i]["id"] for i in range(2)) == [ids[1], ids[5]]
+    store = HowToStore(ds, "train")
+    assert [store.whole(i)["id"] for i in range(len(store))] == [ids[1], ids[5]]
 
 
 def test_prepare_is_idempotent_and_adds_the_table_later(tmp_path):
@@ -159,7 +161,7 @@ def test_prepare_is_idempotent_and_adds_the_table_later(tmp_path):
 
 def test_interrupted_prepare_leaves_no_half_dataset(tmp_path, monkeypatch):
     _howto(tmp_path, n=4)
-    from tfds_builders.howto100m import howto100m_dataset_builder as hb
+    from tfds_builders.howto100m import shards as hb
 
     real = hb.caption_arrays
     calls = {"n": 0}

@@ -145,7 +145,7 @@ def test_bad_eval_and_train_arguments(syn_dir):
     with pytest.raises(ValueError, match="no split 'val'"):
         pipelines.load_retrieval("synthetic", syn_dir, "val", config="tiny", batch_size=4, n_video_tokens=48,
                                  n_stft=3072, process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="training needs 'howto' or 'items'"):
+    with pytest.raises(ValueError, match="training needs 'howto', 'howto_chunks' or 'items'"):
         pipelines.make_train_iterator(_config(syn_dir, split="localization"), process_index=0, process_count=1)
     with pytest.raises(ValueError, match="must be positive"):
         pipelines.make_train_iterator(_config(syn_dir, clips_per_video=0), process_index=0, process_count=1)

@@ -92,12 +92,15 @@ class PreparedDataset:
             raise ValueError(f"{self.path}: no split {split!r}; splits: {self.splits}")
 
     def layout(self, split: str) -> str:
-        """"howto" | "items" | "localization"."""
+        """"howto" | "howto_chunks" | "items" | "localization"."""
         self._check_split(split)
         return self.metadata["layouts"][split]
 
     def num_examples(self, split: str) -> int:
+        """Items of the split (videos of a chunked HowTo split, whose records are headers and chunks)."""
         self._check_split(split)
+        if self.metadata["layouts"].get(split) == "howto_chunks":
+            return int(self.metadata["num_examples"][split])
         return int(self._builder.info.splits[split].num_examples)
 
     def complete_dataset_size(self, split: str) -> int:
@@ -108,6 +111,13 @@ class PreparedDataset:
     def source(self, split: str) -> RecordSource:
         self._check_split(split)
         return RecordSource(self._builder.as_data_source(split=split))
+
+    def raw_source(self, split: str) -> Any:
+        """Random access to the split's serialized records (bytes; see `records.parse_example`)."""
+        from tensorflow_datasets.core import decode
+
+        self._check_split(split)
+        return self._builder.as_data_source(split=split, deserialize_method=decode.DeserializeMethod.RAW_BYTES)
 
     def word_table(self) -> WordTable:
         return WordTable.load(os.path.join(self.path, WORD_VECTORS_FILE))

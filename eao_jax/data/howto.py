@@ -15,6 +15,7 @@ straight into the batch arrays).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -112,23 +113,85 @@ def _plan_random(caption: Caption, n_frames: int, rng: np.random.Generator, misa
     return start, end, None, slice(first, first + n_stft)
 
 
-def _write(out: dict[str, np.ndarray], row: int, plan, mel_spec, features_2d, features_3d, table: WordTable, *,
-           max_words: int, n_stft: int, n_video_tokens: int, fps_2d: float, fps_3d: float) -> int:
+class ArrayVideo:
+    """A video held as whole arrays: mel (40, T), 2D (T2, D2) or None, 3D (T3, D3) or None.
+
+    The clip writer reads videos through this interface (lengths, `frames`, `rows_2d`, `rows_3d`), so a
+    store that holds videos in chunk records (`eao_jax.data.howto_store`) serves the same code.
+    """
+
+    def __init__(self, mel_spec: np.ndarray, features_2d: np.ndarray | None, features_3d: np.ndarray | None):
+        self.mel, self.f2, self.f3 = mel_spec, features_2d, features_3d
+        self.n_frames = int(mel_spec.shape[1])
+        self.n_2d = None if features_2d is None else int(features_2d.shape[0])
+        self.n_3d = None if features_3d is None else int(features_3d.shape[0])
+
+    def fetch(self, reads: list[ClipReads]) -> None:
+        """Makes the rows of `reads` available (nothing to do for whole arrays)."""
+
+    def frames(self, lo: int, hi: int) -> np.ndarray:
+        return self.mel[:, lo:hi]
+
+    def rows_2d(self, idx: np.ndarray) -> np.ndarray:
+        return self.f2[idx]
+
+    def rows_3d(self, lo: int, hi: int) -> np.ndarray:
+        return self.f3[lo:hi]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipReads:
+    """The rows one planned clip reads: audio frames [a_lo, a_hi), 2D rows idx_2d (None: unused),
+    3D rows [r3_lo, r3_hi) (r3_lo None: unused)."""
+
+    a_lo: int
+    a_hi: int
+    idx_2d: np.ndarray | None
+    r3_lo: int | None
+    r3_hi: int | None
+
+
+def _span(lo: int, hi: int, n: int) -> tuple[int, int]:
+    """Python slice semantics of [lo:hi] on a length-n axis (negative ends count from the end)."""
+    a, b, _ = slice(lo, hi).indices(n)
+    return a, max(a, b)
+
+
+def clip_reads(plan, video, *, n_stft: int, n_video_tokens: int, fps_2d: float, fps_3d: float) -> ClipReads:
+    """What the clip of `plan` (start, end, words, audio frame slice) reads from `video`."""
+    start, end, _, frames = plan
+    a_lo, a_hi = _span(frames.start, frames.stop, video.n_frames)
+    a_hi = min(a_hi, a_lo + n_stft)
+    n2 = n3 = None
+    if video.n_2d is not None:
+        lo2, hi2 = _span(int(start * fps_2d), int(end * fps_2d) + 1, video.n_2d)
+        n2 = hi2 - lo2
+    if video.n_3d is not None:
+        lo3, hi3 = _span(int(start * fps_3d), int(end * fps_3d) + 1, video.n_3d)
+        n3 = hi3 - lo3
+    idx2, m = video_lib.clip_rows(n2, n3, n_video_tokens)
+    if n3 is None:  # 2D only: its first m rows
+        return ClipReads(a_lo, a_hi, lo2 + np.arange(m), None, None)
+    return ClipReads(a_lo, a_hi, None if idx2 is None else lo2 + idx2, lo3, lo3 + m)
+
+
+def _write(out: dict[str, np.ndarray], row: int, plan, reads: ClipReads, video, table: WordTable, *,
+           max_words: int) -> int:
     """Writes one planned clip into row `row` of zero-filled arrays; returns its real audio frames."""
-    start, end, words, frames = plan
-    seg = mel_spec[:, frames]
-    n = min(seg.shape[1], n_stft)
-    np.copyto(out["audio"][row, :, :n], seg[:, :n], casting="same_kind")  # float16 storage -> float32
-    out["audio_mask"][row, :n] = 1.0
+    words = plan[2]
+    n = reads.a_hi - reads.a_lo
+    if n > 0:
+        np.copyto(out["audio"][row, :, :n], video.frames(reads.a_lo, reads.a_hi), casting="same_kind")
+        out["audio_mask"][row, :n] = 1.0
     if words:
         ids = table.ids(words)[:max_words]  # out-of-vocabulary words dropped before truncation
         if ids:
             out["text"][row, :len(ids)] = table.vectors[ids]
             out["text_mask"][row, :len(ids)] = 1.0
-    f2 = None if features_2d is None else video_lib.time_slice(features_2d, fps_2d, start, end)
-    f3 = None if features_3d is None else video_lib.time_slice(features_3d, fps_3d, start, end)
-    video_lib.video_tokens(f2, f3, n_video_tokens, "clip", out=(out["video"][row], out["video_mask"][row]))
-    return n
+    rows2 = None if reads.idx_2d is None else video.rows_2d(reads.idx_2d)
+    rows3 = None if reads.r3_lo is None else video.rows_3d(reads.r3_lo, reads.r3_hi)
+    video_lib.write_clip_tokens(out["video"][row], out["video_mask"][row], rows2, rows3)
+    return max(n, 0)
 
 
 def _in_grain_worker() -> bool:
@@ -190,28 +253,31 @@ def clip_from_segment(caption: Mapping[str, Sequence], mel_spec: np.ndarray, fea
     plan = _plan_segment(cap, int(index), misaligned, min_time)
     out = empty_clips(1, video_dim=_video_dim(features_2d, features_3d), text_dim=table.dim, max_words=max_words,
                       n_stft=n_stft, n_video_tokens=n_video_tokens)
-    n = _write(out, 0, plan, mel_spec, features_2d, features_3d, table, max_words=max_words, n_stft=n_stft,
-               n_video_tokens=n_video_tokens, fps_2d=FPS_2D, fps_3d=FPS_3D)
+    video = ArrayVideo(mel_spec, features_2d, features_3d)
+    reads = clip_reads(plan, video, n_stft=n_stft, n_video_tokens=n_video_tokens, fps_2d=FPS_2D, fps_3d=FPS_3D)
+    n = _write(out, 0, plan, reads, video, table, max_words=max_words)
     res = {k: v[0] for k, v in out.items()}
     res.update(start=plan[0], end=plan[1], nframes=n, raw_text=" ".join(plan[2]))
     return res
 
 
 def fill_clips(out: dict[str, np.ndarray], row0: int, caption: Mapping[str, Sequence] | Caption,
-               mel_spec: np.ndarray, features_2d, features_3d, rng: np.random.Generator, table: WordTable,
-               n_clips: int, *, misaligned: bool, min_time: float = 8.0, max_words: int = 20, n_stft: int = 768,
-               n_video_tokens: int = 12, fps_2d: float = FPS_2D, fps_3d: float = FPS_3D) -> list[tuple]:
+               video, rng: np.random.Generator, table: WordTable, n_clips: int, *, misaligned: bool,
+               min_time: float = 8.0, max_words: int = 20, n_stft: int = 768, n_video_tokens: int = 12,
+               fps_2d: float = FPS_2D, fps_3d: float = FPS_3D) -> list[tuple]:
     """Writes `n_clips` random clips of one video into rows row0.. of zero-filled clip arrays.
 
+    `video` is an `ArrayVideo` or a store's chunked video (same interface): all clips are planned
+    first, then the rows they need are fetched at once, then the clips are written.
     Returns the (start, end, words or None, audio frame slice) of each clip.
     """
     cap = caption if isinstance(caption, Caption) else Caption(caption)
-    plans = []
-    for j in range(n_clips):
-        plan = _plan_random(cap, mel_spec.shape[1], rng, misaligned, min_time, n_stft)
-        _write(out, row0 + j, plan, mel_spec, features_2d, features_3d, table, max_words=max_words, n_stft=n_stft,
-               n_video_tokens=n_video_tokens, fps_2d=fps_2d, fps_3d=fps_3d)
-        plans.append(plan)
+    plans = [_plan_random(cap, video.n_frames, rng, misaligned, min_time, n_stft) for _ in range(n_clips)]
+    reads = [clip_reads(p, video, n_stft=n_stft, n_video_tokens=n_video_tokens, fps_2d=fps_2d, fps_3d=fps_3d)
+             for p in plans]
+    video.fetch(reads)
+    for j, (plan, r) in enumerate(zip(plans, reads, strict=True)):
+        _write(out, row0 + j, plan, r, video, table, max_words=max_words)
     return plans
 
 
@@ -231,7 +297,7 @@ def video_clips(caption: Mapping[str, Sequence] | Caption, mel_spec: np.ndarray,
     """
     out = empty_clips(n_clips, video_dim=_video_dim(features_2d, features_3d), text_dim=table.dim,
                       max_words=max_words, n_stft=n_stft, n_video_tokens=n_video_tokens)
-    fill_clips(out, 0, caption, mel_spec, features_2d, features_3d, rng, table, n_clips, max_words=max_words,
-               n_stft=n_stft, n_video_tokens=n_video_tokens, **kw)
+    fill_clips(out, 0, caption, ArrayVideo(mel_spec, features_2d, features_3d), rng, table, n_clips,
+               max_words=max_words, n_stft=n_stft, n_video_tokens=n_video_tokens, **kw)
     out["audio_STFT_nframes"] = np.full((n_clips,), -1, np.int32)
     return out

@@ -76,6 +76,7 @@ from eao_jax.data import audio as audio_lib
 from eao_jax.data import howto
 from eao_jax.data import video as video_lib
 from eao_jax.data.dataset import PreparedDataset
+from eao_jax.data.howto_store import HowToStore
 from eao_jax.data.text import WordTable
 
 BATCH_KEYS = ("video", "video_mask", "text", "text_mask", "audio", "audio_mask", "audio_STFT_nframes")
@@ -172,13 +173,12 @@ class ProcessBlocks(grain.MapDataset):
 
 @dataclasses.dataclass
 class HowToBatch(grain.transforms.Map):
-    """A list of (position, HowTo-layout record) -> `n_clips` random clips of each, written into one
-    batch; each video's clips come from `position_rng(seed, position)`."""
+    """A list of (position, video index) -> `n_clips` random clips of each of those videos, written
+    into one batch; each video's clips come from `position_rng(seed, position)`."""
 
+    store: HowToStore
     table: WordTable
     n_clips: int
-    use_2d: bool
-    use_3d: bool
     fps_2d: float
     fps_3d: float
     video_dim: int
@@ -189,20 +189,34 @@ class HowToBatch(grain.transforms.Map):
     n_video_tokens: int = 12
     seed: int = 0
 
-    def map(self, recs: list[tuple[int, dict]]) -> dict[str, np.ndarray]:
+    def map(self, items: list[tuple[int, int]]) -> dict[str, np.ndarray]:
         n = self.n_clips
-        out = howto.empty_clips(len(recs) * n, video_dim=self.video_dim, text_dim=self.table.dim,
+        out = howto.empty_clips(len(items) * n, video_dim=self.video_dim, text_dim=self.table.dim,
                                 max_words=self.max_words, n_stft=self.n_stft, n_video_tokens=self.n_video_tokens)
-        for v, (position, rec) in enumerate(recs):
-            rng = position_rng(self.seed, position)
-            f2, f3 = _features(rec, self.use_2d, self.use_3d)
-            caption = {"start": rec["caption_start"], "end": rec["caption_end"], "text": rec["caption_text"]}
-            howto.fill_clips(out, v * n, caption, rec["audio"], f2, f3, rng, self.table, n,
+        videos = self.store.videos([int(i) for _, i in items])
+        for v, ((position, _), video) in enumerate(zip(items, videos, strict=True)):
+            howto.fill_clips(out, v * n, video.caption, video, position_rng(self.seed, position), self.table, n,
                              misaligned=self.misaligned, min_time=self.min_time, max_words=self.max_words,
                              n_stft=self.n_stft, n_video_tokens=self.n_video_tokens, fps_2d=self.fps_2d,
                              fps_3d=self.fps_3d)
-        out["audio_STFT_nframes"] = np.full((len(recs) * n,), -1, np.int32)  # as the original for HowTo100M
+        out["audio_STFT_nframes"] = np.full((len(items) * n,), -1, np.int32)  # as the original for HowTo100M
         return out
+
+
+def _concat_batches(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return {k: np.asarray(v) for k, v in parts[0].items()}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def worker_group(local_videos: int, requested: int | None) -> int:
+    """Videos per element a reader builds (the batch is then `local_videos / group` elements): the
+    largest divisor of local_videos not above `requested` (default 16), so that a worker holds a few
+    tens of MB of clips instead of a whole batch (~0.77 GB at the paper's 224 x 10 clips)."""
+    cap = 16 if requested is None else int(requested)
+    if cap <= 0:
+        raise ValueError(f"config.data.worker_videos must be positive, got {cap}")
+    return max(d for d in range(1, min(cap, local_videos) + 1) if local_videos % d == 0)
 
 
 @dataclasses.dataclass
@@ -277,36 +291,47 @@ def train_dataset(config, *, process_index: int | None = None, process_count: in
     layout = ds.layout(split)
     table = ds.word_table()
     fps_2d, fps_3d = ds.fps
-    src = ds.source(split)
-    if len(src) == 0:
-        raise ValueError(f"{ds.path}: split {split!r} is empty")
-    # Shuffle (reshuffled each epoch) and repeat: the global order, the same on every process.
-    order = grain.MapDataset.source(src).seed(seed).shuffle().repeat()
     local_videos = vpb // pc
-    if layout == "howto":
+    group = 1
+    if layout in ("howto", "howto_chunks"):
+        store = HowToStore(ds, split)
+        n_items = len(store)
         transform = HowToBatch(
-            table=table, n_clips=cpv, use_2d=ds.use_2d, use_3d=ds.use_3d, fps_2d=fps_2d, fps_3d=fps_3d,
-            video_dim=ds.video_dim, misaligned=bool(data.text_audio_misaligned), min_time=float(data.min_time),
+            store=store, table=table, n_clips=cpv, fps_2d=fps_2d, fps_3d=fps_3d, video_dim=ds.video_dim,
+            misaligned=bool(data.text_audio_misaligned), min_time=float(data.min_time),
             max_words=int(data.max_words), n_stft=int(data.n_stft), n_video_tokens=int(data.n_video_tokens),
             seed=seed)
-        batch_size = local_videos
+        group = worker_group(local_videos, _cfg(data, "worker_videos", None))
+        rows = group
     elif layout == "items":
+        src = ds.source(split)
+        n_items = len(src)
         transform = RandomCaptionBatch(ItemInputs(
             table=table, use_2d=ds.use_2d, use_3d=ds.use_3d, n_video_tokens=int(data.n_video_tokens),
             n_stft=int(data.n_stft), max_words=int(data.max_words),
             strategy=_cfg(data, "video_strategy", "clip")), seed=seed)
-        batch_size = local_videos * cpv
+        rows = local_videos * cpv
     else:
-        raise ValueError(f"{ds.path}: split {split!r} has layout {layout!r}; training needs 'howto' or 'items'")
+        raise ValueError(f"{ds.path}: split {split!r} has layout {layout!r}; training needs 'howto', "
+                         "'howto_chunks' or 'items'")
+    if n_items == 0:
+        raise ValueError(f"{ds.path}: split {split!r} is empty")
+    # Shuffle (reshuffled each epoch) and repeat: the global order of item indices, the same on every
+    # process (HowTo stores are read inside the transform; item records are read by grain).
+    if layout == "items":
+        order = grain.MapDataset.source(src).seed(seed).shuffle().repeat()
+    else:
+        order = grain.MapDataset.range(n_items).seed(seed).shuffle().repeat()
+    per_process = rows * (local_videos // group) if layout != "items" else rows
     # This process's block of each global batch (contiguous, so that the global batch assembled by
     # `jax.make_array_from_process_local_data` in process order is the 1-process batch).
-    local = ProcessBlocks(order, batch_size * pc, pi, pc)
-    # Batches are built whole by one transform (clips written straight into the batch arrays), so a
-    # batch's content does not depend on the number of threads or worker processes.
-    batches = local.batch(batch_size, drop_remainder=True, batch_fn=list).map(transform)
+    local = ProcessBlocks(order, per_process * pc, pi, pc)
+    # Each element (a group of videos, or a whole items batch) is built by one transform, each video
+    # with its own generator, so the content does not depend on threads, workers or grouping.
+    elements = local.batch(rows, drop_remainder=True, batch_fn=list).map(transform)
     read = grain.ReadOptions(num_threads=int(_cfg(data, "read_threads", 2)),
-                             prefetch_buffer_size=int(_cfg(data, "read_buffer", 4)))
-    it = batches.to_iter_dataset(read)
+                             prefetch_buffer_size=int(_cfg(data, "read_buffer", 4)) * (local_videos // group))
+    it = elements.to_iter_dataset(read)
     workers = int(_cfg(data, "num_workers", 0))
     if workers > 0:
         from absl import flags
@@ -315,6 +340,8 @@ def train_dataset(config, *, process_index: int | None = None, process_count: in
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=int(_cfg(data, "prefetch", 2))))
+    if layout != "items":
+        it = it.batch(local_videos // group, drop_remainder=True, batch_fn=_concat_batches)
     return it
 
 

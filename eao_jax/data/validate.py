@@ -79,11 +79,15 @@ class Report:
 
 
 def load_npz_key(path: str | os.PathLike, key: str, item: str) -> np.ndarray:
-    """`np.load(path)[key]`, with missing / truncated files and missing keys reported as `BadItem`."""
-    if not os.path.exists(path):
+    """`np.load(path)[key]` (local or gs://), with missing / truncated files and missing keys reported
+    as `BadItem`."""
+    from etils import epath
+
+    p = epath.Path(path)
+    if not p.exists():
         raise BadItem(MISSING_FILE, item, path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with p.open("rb") as f, np.load(f, allow_pickle=False) as z:
             if key not in z.files:
                 raise BadItem(MISSING_KEY, item, path, f"no key {key!r} (has {z.files})")
             return z[key]
@@ -180,10 +184,12 @@ class _TorchAwareUnpickler(pickle.Unpickler):
 
 def load_pickle(path: str | os.PathLike) -> Any:
     """Unpickles a released file; torch is imported only if the pickle holds torch objects."""
+    from etils import epath
+
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"{path}: file not found")
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         up = _TorchAwareUnpickler(f)
         up._path = path
         try:

@@ -82,15 +82,39 @@ def video_tokens(feat_2d: np.ndarray | None, feat_3d: np.ndarray | None, n_token
         mask[:] = 1.0
         return video, mask
     # "clip"
-    if n2 == 0 or n3 == 0:
-        return video, mask
-    m = min(n3, n_tokens)
-    # Only the first m of the 2D sequence resampled to length n3 are needed.
-    idx2 = nearest_indices(n2, n3)[:m]
-    video[:m, :d2] = l2_normalize(feat_2d[idx2])
-    video[:m, d2:] = l2_normalize(feat_3d[:m])
-    mask[:m] = 1.0
+    idx2, m = clip_rows(n2, n3, n_tokens)
+    write_clip_tokens(video, mask, feat_2d[idx2], feat_3d[:m])
     return video, mask
+
+
+def clip_rows(n2: int | None, n3: int | None, n_tokens: int) -> tuple[np.ndarray | None, int]:
+    """The rows the "clip" strategy reads: (2D row indices, number m of leading 3D rows).
+
+    With both parts, 2D is nearest-resampled to the 3D length and only its first m = min(n3, n_tokens)
+    rows are used; an empty part gives an empty video (m = 0). With one part (n2 or n3 None), its
+    first m = min(n, n_tokens) rows (the 2D indices are then None and m counts the single part).
+    """
+    if n2 is None or n3 is None:
+        return None, min(n3 if n2 is None else n2, n_tokens)
+    if n2 == 0 or n3 == 0:
+        return np.zeros((0,), np.int64), 0
+    m = min(n3, n_tokens)
+    return nearest_indices(n2, n3)[:m], m
+
+
+def write_clip_tokens(video: np.ndarray, mask: np.ndarray, rows_2d: np.ndarray | None,
+                      rows_3d: np.ndarray | None) -> None:
+    """Writes "clip" tokens into zero-filled (Nv, D2 + D3) / (Nv,) arrays from the rows `clip_rows`
+    selects (each part L2-normalised; a lone part fills the whole width)."""
+    parts = [r for r in (rows_2d, rows_3d) if r is not None]
+    m = min(len(r) for r in parts)
+    if m == 0:
+        return
+    col = 0
+    for r in parts:
+        video[:m, col:col + r.shape[1]] = l2_normalize(r[:m])
+        col += r.shape[1]
+    mask[:m] = 1.0
 
 
 def _outputs(out, n_tokens: int, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,10 +139,7 @@ def _single(feat: np.ndarray, n_tokens: int, strategy: str, out=None) -> tuple[n
         video[:] = l2_normalize(feat[nearest_indices(n, n_tokens)])
         mask[:] = 1.0
         return video, mask
-    m = min(n, n_tokens)
-    if m:
-        video[:m] = l2_normalize(feat[:m])
-        mask[:m] = 1.0
+    write_clip_tokens(video, mask, None, feat[:min(n, n_tokens)])
     return video, mask
 
 

@@ -1,4 +1,4 @@
-"""HowTo100M pre-training features in the released layout (REFERENCE_FACTS §1.3).
+"""HowTo100M pre-training features in the released layout.
 
 Manual directory (the original's `./data/howto`), every location overridable with `paths=`:
   HowTo100M_1166_videopaths.txt   csv with a `path` column (category/subfolder/video_id; a `None/`
@@ -9,23 +9,44 @@ Manual directory (the original's `./data/howto`), every location overridable wit
   features/<path>/<vid>_3d.npz    key `features`, (T3, 2048) at 1.5/s; fallback <vid>.npz (S3D);
                                   option `features_path_3d` (default: features_path)
   audio_features/<path>/<vid>_spec.npz   key `arr_0`, (40, T) log-mel at 100/s; option `features_path_audio`
+Paths may be local or gs:// (epath).
 
-Configs: `resnet` (default; ResNet-152 + ResNeXt-101), `s3d` (3D slot only, 1024-d at 1/s, csv
-HowTo100M_1166_videopaths_s3d.txt, new_s3d_features/), `clip` (2D slot only, 512-d at 1/s, csv
-HowTo100M_1166_videopaths_CLIP.txt, clip_features/). Features and spectrograms are stored as
-float16 (the released files are float16); the `*_fp32` configs keep float32.
-One record per video with all its caption segments (layout "howto").
+Configs: `resnet` (default; ResNet-152 + ResNeXt-101, 2048 + 2048), `s3d` (3D slot only, 1024-d at
+1/s, csv HowTo100M_1166_videopaths_s3d.txt, new_s3d_features/), `clip` (2D slot only, 512-d at 1/s,
+csv HowTo100M_1166_videopaths_CLIP.txt, clip_features/). Features and spectrograms are stored as
+float16 (the released files are float16); `*_fp32` configs keep float32. Records are in the chunked
+layout ("howto_chunks", see tfds_builders/howto100m/shards.py: a header with the captions, then
+chunks of `chunk_seconds` = 8 s, uncompressed) so a training clip reads only the chunks under its
+window; `*_video` configs keep the earlier one-record-per-video layout ("howto", zstd), for
+comparison. Feature widths come from the config (or the builder's `feature_dims`).
+
+Preparation (see `Howto100m._generate_splits`): the video list is cut into shards of
+`videos_per_shard` videos; caption.pickle is read once and split into one small caption file per
+shard; each shard is then one independent task (tfds_builders.howto100m.shards.run_shard) run in
+this process, or, given Beam pipeline options, on Apache Beam (DirectRunner over local cores,
+Dataflow, Spark, Flink). Only small per-shard summaries come back: records per video (the index
+`train_index.npz` beside the dataset), the vocabulary (merged into the word-vector table) and the
+skipped items (merged into prepare_report.json).
 """
 
 from __future__ import annotations
 
 import csv
-import os
+import io
+import math
+import pickle
+from typing import Any
 
 import numpy as np
+from etils import epath
 
 from eao_jax.data import validate as V
 from tfds_builders import common
+from tfds_builders.howto100m import shards
+
+INDEX_FILE = "train_index.npz"
+CHUNK_SECONDS = 8
+VIDEOS_PER_SHARD = 128  # ~1 GB per shard at the released sizes (~7.7 MB per video)
 
 
 def _configs() -> list[common.FeatureConfig]:
@@ -39,89 +60,216 @@ def _configs() -> list[common.FeatureConfig]:
     }
     out = []
     for name, kw in base.items():
-        out.append(common.FeatureConfig(name=name, description=f"{name} features, float16 storage",
-                                        feature_dtype="float16", audio_dtype="float16", **kw))
-        out.append(common.FeatureConfig(name=name + "_fp32", description=f"{name} features, float32 storage",
-                                        feature_dtype="float32", audio_dtype="float32", **kw))
+        for suffix, dtype in (("", "float16"), ("_fp32", "float32")):
+            for layout_suffix, layout in (("", "howto_chunks"), ("_video", "howto")):
+                kw2 = dict(kw, options=dict(kw["options"], layout=layout, chunk_seconds=CHUNK_SECONDS,
+                                            videos_per_shard=VIDEOS_PER_SHARD))
+                out.append(common.FeatureConfig(
+                    name=name + suffix + layout_suffix,
+                    description=f"{name} features, {dtype} storage, {layout} record layout",
+                    feature_dtype=dtype, audio_dtype=dtype, **kw2))
     return out
 
 
-def _read_paths(csv_path: str) -> list[str]:
-    if not os.path.exists(csv_path):
+def read_paths(csv_path: str) -> list[str]:
+    """The `path` column of the video list (a `None/` prefix removed)."""
+    p = epath.Path(csv_path)
+    if not p.exists():
         raise FileNotFoundError(f"{csv_path}: video list not found (option `csv`)")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise ValueError(f"{csv_path}: the video list needs a `path` column, got {reader.fieldnames}")
-        return [row["path"].replace("None/", "") for row in reader]
+    reader = csv.DictReader(io.StringIO(p.read_text()))
+    if reader.fieldnames is None or "path" not in reader.fieldnames:
+        raise ValueError(f"{csv_path}: the video list needs a `path` column, got {reader.fieldnames}")
+    return [row["path"].replace("None/", "") for row in reader]
 
 
-def caption_arrays(cap, vid: str, file: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Validated (start (S,), end (S,), text (S,)) of one video's ASR segments."""
-    try:
-        start = np.asarray(cap["start"], dtype=np.float64).reshape(-1)
-        end = np.asarray(cap["end"], dtype=np.float64).reshape(-1)
-        text = ["" if t is None else str(t) for t in list(cap["text"])]
-    except Exception as e:
-        raise V.BadItem(V.BAD_ANNOTATION, vid, file, f"caption is not start/end/text ({type(e).__name__}: {e})"
-                        ) from None
-    if not (len(start) == len(end) == len(text)):
-        raise V.BadItem(V.BAD_ANNOTATION, vid, file,
-                        f"caption start/end/text lengths differ ({len(start)}, {len(end)}, {len(text)})")
-    if not (np.isfinite(start).all() and np.isfinite(end).all()):
-        raise V.BadItem(V.NON_FINITE, vid, file, "caption start/end")
-    if len(start) > 1 and np.any(np.diff(start) < 0):
-        raise V.BadItem(V.BAD_ANNOTATION, vid, file, "caption segments are not sorted by start time")
-    return start, end, text
+def run_shards(tasks: list[shards.ShardTask], beam_options: Any = None, progress: bool = False) -> None:
+    """Runs every shard task, here in order or, with Beam pipeline options, on Apache Beam."""
+    if beam_options is None:
+        from tensorflow_datasets.core import utils as tfds_utils
+
+        bar = tfds_utils.tqdm(total=sum(len(t.videos) for t in tasks), desc="howto100m/train", unit=" videos",
+                              disable=not progress)
+        for t in tasks:
+            if shards.run_shard(t, progress=bar.update)["error"] is not None:
+                break  # the driver reports it
+        bar.close()
+        return
+    from tfds_builders.howto100m import beam_prepare
+
+    beam_prepare.run(tasks, beam_options)
 
 
 class Howto100m(common.EaoBuilder):
-    """HowTo100M: one record per video (features, spectrogram, ASR caption segments)."""
+    """HowTo100M: per video its features, spectrogram and ASR caption segments (chunked records)."""
 
     BUILDER_CONFIGS = _configs()
     DEFAULT_CONFIG_NAME = "resnet"
     PATH_OPTIONS = ("csv", "caption_path", "features_path", "features_path_3d", "features_path_audio")
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
-    def _layout_fields(self):
-        return dict(common.HOWTO_FIELDS)
+    def __init__(self, *, videos_per_shard: int | None = None, chunk_seconds: int | None = None,
+                 progress: bool = False, **kwargs):
+        self._videos_per_shard = videos_per_shard
+        self._chunk_seconds = chunk_seconds
+        self._progress = progress
+        super().__init__(**kwargs)
+        vps, cs = self._shard_videos(), self._chunk_size()
+        if vps <= 0:
+            raise ValueError(f"howto100m: videos_per_shard must be positive, got {vps}")
+        spec = self._spec("", "", "")
+        r2, r3, ra = spec.rows_per_chunk()
+        if cs <= 0 or not (math.isclose(r2, cs * spec.fps_2d) and math.isclose(r3, cs * spec.fps_3d)):
+            raise ValueError(f"howto100m: chunk_seconds={cs} must be a positive number of seconds holding whole "
+                             f"feature rows at {spec.fps_2d}/s and {spec.fps_3d}/s (e.g. an even number)")
+
+    def _shard_videos(self) -> int:
+        return int(self._videos_per_shard or self.builder_config.options["videos_per_shard"])
+
+    def _chunk_size(self) -> int:
+        return int(self._chunk_seconds or self.builder_config.options["chunk_seconds"])
+
+    def _info(self):
+        import tensorflow_datasets as tfds
+
+        cfg = self.builder_config
+        return self.dataset_info_from_configs(
+            features=shards.record_features(cfg.options["layout"], cfg.feature_dtype, cfg.audio_dtype),
+            metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+    def _spec(self, feat: str, feat3: str, audio: str) -> shards.VideoSpec:
+        cfg = self.builder_config
+        dims = {}
+        for i, part in enumerate(("2d", "3d")):
+            d = getattr(cfg, f"dim_{part}")
+            if self._feature_dims is not None and self._feature_dims[i] is not None:
+                d = int(self._feature_dims[i])
+            if getattr(cfg, f"use_{part}") and d is None:
+                raise ValueError(f"howto100m/{cfg.name}: the {part.upper()} feature width is unknown; "
+                                 "give feature_dims (--feature_dims=D2,D3)")
+            dims[part] = d
+        layout = cfg.options["layout"]
+        return shards.VideoSpec(
+            features_path=feat, features_path_3d=feat3, features_path_audio=audio, use_2d=cfg.use_2d,
+            use_3d=cfg.use_3d, dim_2d=dims["2d"] if cfg.use_2d else None, dim_3d=dims["3d"] if cfg.use_3d else None,
+            fps_2d=float(cfg.fps_2d), fps_3d=float(cfg.fps_3d), feature_dtype=cfg.feature_dtype,
+            audio_dtype=cfg.audio_dtype, layout=layout, chunk_seconds=self._chunk_size(), config_name=cfg.name,
+            array_record_options="uncompressed" if layout == "howto_chunks" else None)
 
     def _split_generators(self, dl_manager):
+        raise NotImplementedError  # the splits are written by _generate_splits (shard tasks)
+
+    def _generate_examples(self):
+        raise NotImplementedError
+
+    def _generate_splits(self, dl_manager, download_config) -> list:
+        import tensorflow_datasets as tfds
+
         opts = self.builder_config.options
         csv_path = self._path(dl_manager, "csv", opts["csv"])
-        self._feat = self._path(dl_manager, "features_path", opts["features_path"])
-        self._feat3 = self._path(dl_manager, "features_path_3d", self._paths.get("features_path",
-                                                                                    opts["features_path"]))
-        self._audio = self._path(dl_manager, "features_path_audio", "audio_features")
-        self._caption_file = self._path(dl_manager, "caption_path", "caption.pickle")
-        paths = _read_paths(csv_path)
-        self._captions = V.load_pickle(self._caption_file)
-        self.info.metadata["layouts"]["train"] = "howto"
+        feat = self._path(dl_manager, "features_path", opts["features_path"])
+        feat3 = self._path(dl_manager, "features_path_3d", self._paths.get("features_path", opts["features_path"]))
+        audio = self._path(dl_manager, "features_path_audio", "audio_features")
+        caption_file = self._path(dl_manager, "caption_path", "caption.pickle")
+        spec = self._spec(feat, feat3, audio)
+        paths = read_paths(csv_path)
+        if not paths:
+            raise V.PrepareError(f"{csv_path}: the video list is empty")
+        if not epath.Path(caption_file).exists():
+            raise FileNotFoundError(f"{caption_file}: caption file not found (option `caption_path`)")
+
+        out = epath.Path(self.data_path)  # the temporary directory TFDS renames when done
+        work = out / "_work"
+        work.mkdir(parents=True, exist_ok=True)
+        vps = self._shard_videos()
+        groups = [tuple(enumerate(paths))[i:i + vps] for i in range(0, len(paths), vps)]
+        tasks = [shards.ShardTask(index=i, videos=g, captions=str(work / f"captions-{i:05d}.pkl"),
+                                  caption_source=caption_file,
+                                  output=str(work / f"shard-{i:05d}.array_record"),
+                                  summary=str(work / f"summary-{i:05d}.json"), spec=spec, skip_bad=self._skip_bad)
+                 for i, g in enumerate(groups)]
+        split_captions(caption_file, tasks)
+        run_shards(tasks, download_config.beam_options, progress=self._progress)
+        summaries = [read_summary(t) for t in tasks]
+
+        # Merge the summaries (in shard order: the order of the records).
+        template = self._get_filename_template("train")
+        written = [s for s in summaries if s is not None and s["num_examples"]]
+        for s in summaries:
+            if s is None:
+                continue
+            for item in s["skipped"]:
+                self._report.items.append(item)
+            if s["error"] is not None:
+                raise V.PrepareError(f"{self.name}/train: {s['error']}. Fix the file or rerun with --skip_bad to "
+                                     "skip and count such items.")
+            self._tokens.update(s["tokens"])
+        missing = [t.index for t, s in zip(tasks, summaries, strict=True) if s is None]
+        if missing:
+            raise V.PrepareError(f"{self.name}/train: shards {missing} were not prepared (no summary)")
+        if not written:
+            raise V.PrepareError(f"{self.name}/train: no video was written ({len(self._report.items)} skipped)")
+        positions, sizes = [], []
+        for s in written:
+            for pos, n in s["written"]:
+                positions.append(pos)
+                sizes.append(n)
+        self._report.written["train"] += len(positions)
+        for i, s in enumerate(written):
+            src = epath.Path(tasks[s["index"]].output)
+            src.rename(template.sharded_filepath(shard_index=i, num_shards=len(written)))
+        sizes_a = np.asarray(sizes, np.int64)
+        first = np.concatenate([[0], np.cumsum(sizes_a)[:-1]]).astype(np.int64)
+        with (out / INDEX_FILE).open("wb") as f:
+            np.savez(f, video_position=np.asarray(positions, np.int64), first_record=first, num_records=sizes_a)
+        work.rmtree()
+
+        meta = self.info.metadata
+        meta["layouts"]["train"] = spec.layout
+        r2, r3, ra = spec.rows_per_chunk()
+        meta.update(chunk_seconds=spec.chunk_seconds, chunk_rows=dict(rows_2d=r2, rows_3d=r3, frames=ra),
+                    num_records=dict(train=int(sizes_a.sum())))
+        self._dims.update({"2d": spec.dim_2d, "3d": spec.dim_3d})
         self._set_complete_size("train", len(paths))
-        return {"train": self._generate_examples(paths)}
+        return [tfds.core.SplitInfo(name="train", shard_lengths=[s["num_examples"] for s in written],
+                                    num_bytes=sum(s["num_bytes"] for s in written), filename_template=template)]
 
-    def _generate_examples(self, paths):
-        def build(vid_path: str):
-            vid = vid_path.split("/")[-1]
-            ex = {"id": vid}
-            p2 = os.path.join(self._feat, vid_path, vid + "_2d.npz")
-            if not os.path.exists(p2):
-                p2 = os.path.join(self._feat, vid_path + "_2d.npz")
-            p3 = os.path.join(self._feat3, vid_path, vid + "_3d.npz")
-            if not os.path.exists(p3):
-                p3 = os.path.join(self._feat3, vid_path, vid + ".npz")
-            cfg = self.builder_config
-            f2 = V.load_npz_key(p2, "features", vid) if cfg.use_2d else None
-            f3 = V.load_npz_key(p3, "features", vid) if cfg.use_3d else None
-            ex["features_2d"] = self._features("2d", f2, vid, p2)
-            ex["features_3d"] = self._features("3d", f3, vid, p3)
-            pa = os.path.join(self._audio, vid_path, vid + "_spec.npz")
-            ex["audio"] = self._spectrogram(V.load_npz_key(pa, "arr_0", vid), vid, pa)
-            if vid not in self._captions:
-                raise V.BadItem(V.NO_CAPTION, vid, self._caption_file, "video id not in the caption file")
-            start, end, text = caption_arrays(self._captions[vid], vid, self._caption_file)
-            self._add_text(*text)
-            ex.update(caption_start=start, caption_end=end, caption_text=text)
-            return ex
 
-        return self._validated("train", ((i, lambda p=p: build(p)) for i, p in enumerate(paths)))
+def split_captions(caption_file: str, tasks: list[shards.ShardTask]) -> None:
+    """Reads caption.pickle once and writes each shard's captions to its own small file.
+
+    The released pickle cannot be read partially, so this is the one step that holds all captions
+    (about 20-25 GB for the full HowTo100M); workers only ever load their shard's file.
+    """
+    captions = V.load_pickle(caption_file)
+    if not hasattr(captions, "get"):
+        raise V.PrepareError(f"{caption_file}: expected a dict video_id -> caption, got {type(captions).__name__}")
+    for t in tasks:
+        part = {}
+        for _, path in t.videos:
+            vid = shards.video_id(path)
+            cap = captions.get(vid)
+            if cap is not None:
+                part[vid] = {k: _plain(cap, k) for k in ("start", "end", "text")} if _has_fields(cap) else cap
+        with epath.Path(t.captions).open("wb") as f:
+            pickle.dump(part, f, protocol=pickle.HIGHEST_PROTOCOL)
+    del captions
+
+
+def _has_fields(cap: Any) -> bool:
+    try:
+        return all(k in cap for k in ("start", "end", "text"))
+    except TypeError:
+        return False
+
+
+def _plain(cap: Any, key: str) -> Any:
+    """A caption column as numpy / list (a pandas column would need pandas in every worker)."""
+    v = cap[key]
+    return list(v) if key == "text" else np.asarray(v)
+
+
+def read_summary(task: shards.ShardTask) -> dict | None:
+    import json
+
+    p = epath.Path(task.summary)
+    return json.loads(p.read_text()) if p.exists() else None
