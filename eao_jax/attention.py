@@ -174,11 +174,15 @@ def plot_attention(path: str | os.PathLike, result: Mapping[str, Any], title: st
     save_png(fig, path)
 
 
-def analyse_checkpoint(checkpoint: str, task: str, output: str | os.PathLike, *, data_dir: str,
+def analyse_checkpoint(checkpoint: str, task: str, output: str | os.PathLike, *, data_dir: str | None = None,
                        step: int | None = None, num_items: int = 16, strategy: str = "at_once",
                        groups: str | None = None, tfds_config: str | None = None) -> dict[str, Any]:
     """Restores `checkpoint`, runs `modality_attention` on the first `num_items` items of a retrieval
-    task's split and writes OUTPUT.png and OUTPUT.json. Returns the JSON document."""
+    task's split and writes OUTPUT.png and OUTPUT.json. Returns the JSON document.
+
+    `checkpoint` is a convert output, a training WORKDIR or its checkpoints/ folder; `data_dir`
+    defaults to the one the checkpoint's config names (eval.data_dir, else data.data_dir), as in
+    `evaluate`."""
     import json  # noqa: PLC0415
 
     from eao_jax import checkpoint as ckpt  # noqa: PLC0415
@@ -189,9 +193,15 @@ def analyse_checkpoint(checkpoint: str, task: str, output: str | os.PathLike, *,
     s = evaluate.strategy_settings(task, strategy)
     if s["cut_clips"]:
         raise ValueError("attention analysis takes one pass per item: use at_once, clip, nearest or max_pool")
+    checkpoint = ckpt.checkpoint_root(checkpoint)
     step = ckpt.latest_step(checkpoint) if step is None else step
     config = evaluate.model_config_for_strategy(ckpt.restore_config(checkpoint, step), task, strategy)
     model, config, step = ckpt.load_model(checkpoint, step, config=config)
+    data_dir = data_dir or evaluate.data_dir_from_config(config)
+    if not data_dir:
+        raise ValueError("--data_dir is required (the checkpoint's config names no data_dir)")
+    if spec.dataset == "synthetic":  # prepared on demand, as in evaluate
+        pipelines.prepare_once("synthetic", data_dir, tfds_config)
     data = pipelines.load_retrieval(spec.dataset, data_dir, spec.split, config=tfds_config, batch_size=num_items,
                                     n_video_tokens=s["n_video_tokens"], n_stft=s["n_stft"],
                                     video_strategy=s["video_strategy"], process_index=0, process_count=1)
@@ -212,6 +222,9 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
+    from eao_jax import console  # noqa: PLC0415
+
+    console.quiet_libraries()
     doc = analyse_checkpoint(FLAGS.checkpoint, FLAGS.task, FLAGS.output, data_dir=FLAGS.data_dir, step=FLAGS.step,
                              num_items=FLAGS.num_items, strategy=FLAGS.strategy, groups=FLAGS.groups,
                              tfds_config=FLAGS.tfds_config)
@@ -225,11 +238,13 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory.", required=True)
+    flags.DEFINE_string("checkpoint", None, "Orbax checkpoint: convert output, training workdir or its "
+                        "checkpoints/ folder.", required=True)
     flags.DEFINE_enum("task", None, ["msrvtt", "youcook2", "synthetic"], "Retrieval task whose items to use.",
                       required=True)
     flags.DEFINE_string("output", None, "Output PNG (the numbers go to the same name with .json).", required=True)
-    flags.DEFINE_string("data_dir", None, "TFDS data_dir of the prepared dataset.", required=True)
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir of the prepared dataset (default: the checkpoint "
+                        "config's eval.data_dir or data.data_dir).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     flags.DEFINE_integer("num_items", 16, "Items in the analysed batch.")
     flags.DEFINE_enum("strategy", "at_once", ["at_once", "clip", "nearest", "max_pool"], "Input lengths.")

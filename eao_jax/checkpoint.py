@@ -27,12 +27,16 @@ resumed run reads exactly the global batches the old one would have read next. F
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -43,6 +47,27 @@ from flax import nnx
 from eao_jax.model.eao import EverythingAtOnce
 
 MODEL_VARIABLES = (nnx.Param, nnx.BatchStat)
+
+
+def resolve_path(path: str | os.PathLike) -> epath.Path:
+    """A user-given path as Orbax needs it: local paths made absolute (Orbax refuses relative ones,
+    and only at the first asynchronous write), `~` expanded; URLs such as gs://... unchanged."""
+    s = os.fspath(path)
+    if "://" in s:
+        return epath.Path(s)
+    return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+CHECKPOINT_SUBDIR = "checkpoints"  # where a training workdir keeps its checkpoints
+
+
+def checkpoint_root(path: str | os.PathLike) -> epath.Path:
+    """The Orbax checkpoint root for what a user may pass as a checkpoint: a `convert` output, a
+    training workdir's `checkpoints/` folder, or the training workdir itself."""
+    root = resolve_path(path)
+    if (root / CHECKPOINT_SUBDIR).is_dir():
+        return root / CHECKPOINT_SUBDIR
+    return root
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -70,10 +95,44 @@ def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
     return nnx.eval_shape(lambda: EverythingAtOnce(config.model, rngs=nnx.Rngs(0)))
 
 
+class NonFiniteStateError(FloatingPointError):
+    """A state holding NaN or Inf values: it is never written to (or read from) a checkpoint."""
+
+
+@jax.jit
+def _leaves_finite(leaves: list[jax.Array]) -> list[jax.Array]:
+    # One boolean per leaf, reduced where the leaf lives: no parameter leaves its devices.
+    return [jnp.isfinite(x).all() for x in leaves]
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """The '/'-joined paths of the floating-point leaves of `tree` (numpy or jax arrays, sharded or
+    not) that hold a NaN or Inf value."""
+    flat = [(jax.tree_util.keystr(path, simple=True, separator="/"), x)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    on_device = [(name, x) for name, x in flat if isinstance(x, jax.Array)]
+    bad = [name for name, x in flat if not isinstance(x, jax.Array) and not np.isfinite(np.asarray(x)).all()]
+    if on_device:
+        ok = jax.device_get(_leaves_finite([x for _, x in on_device]))
+        bad += [name for (name, _), good in zip(on_device, ok, strict=True) if not good]
+    return sorted(bad)
+
+
+def check_finite(tree: Any, what: str) -> None:
+    """Raises NonFiniteStateError naming the leaves of `tree` with NaN/Inf values (`what` says whose)."""
+    bad = nonfinite_leaves(tree)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteStateError(f"{what}: {len(bad)} arrays hold NaN or Inf values ({shown})")
+
+
 def save_model(directory: str | epath.Path, step: int, model_vars: dict,
                config: ml_collections.ConfigDict) -> epath.Path:
-    """Writes a `model` + `config` checkpoint at `step` (used by `convert`)."""
-    directory = epath.Path(directory)
+    """Writes a `model` + `config` checkpoint at `step` (used by `convert`). Raises
+    NonFiniteStateError, writing nothing, when a variable holds NaN/Inf."""
+    check_finite(model_vars, f"refusing to save the model at step {step}")
+    directory = resolve_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False, create=True)
     with ocp.CheckpointManager(directory, options=options) as mngr:
         mngr.save(step, args=ocp.args.Composite(
@@ -84,7 +143,7 @@ def save_model(directory: str | epath.Path, step: int, model_vars: dict,
 
 
 def latest_step(directory: str | epath.Path) -> int:
-    directory = epath.Path(directory)
+    directory = checkpoint_root(directory)
     if not directory.exists():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     options = ocp.CheckpointManagerOptions(read_only=True)
@@ -96,7 +155,7 @@ def latest_step(directory: str | epath.Path) -> int:
 
 
 def restore_config(directory: str | epath.Path, step: int | None = None) -> ml_collections.ConfigDict:
-    directory = epath.Path(directory)
+    directory = checkpoint_root(directory)
     step = latest_step(directory) if step is None else step
     options = ocp.CheckpointManagerOptions(read_only=True)
     with ocp.CheckpointManager(directory, options=options) as mngr:
@@ -108,7 +167,7 @@ def restore_model_variables(directory: str | epath.Path, step: int, target: dict
     """Restores the `model` item onto `target` (a pure dict of arrays or ShapeDtypeStructs with the
     wanted shardings)."""
     options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(epath.Path(directory), options=options) as mngr:
+    with ocp.CheckpointManager(checkpoint_root(directory), options=options) as mngr:
         restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
     return restored.model
 
@@ -122,6 +181,7 @@ def load_model(directory: str | epath.Path, step: int | None = None, *,
     `sharding` places every variable (default: replicated on the local devices).
     Returns (model, config, step).
     """
+    directory = checkpoint_root(directory)
     step = latest_step(directory) if step is None else step
     config = restore_config(directory, step) if config is None else config
     graphdef, abstract_state = nnx.split(abstract_model(config))
@@ -194,7 +254,7 @@ def training_manager(directory: str | epath.Path, ckpt_cfg: ml_collections.Confi
         "config": ocp.JsonCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
     }
-    return ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(resolve_path(directory), options=options, item_handlers=handlers)
 
 
 def save_training(mngr: ocp.CheckpointManager, step: int, *, model_vars: dict, opt_vars: dict,
@@ -203,14 +263,49 @@ def save_training(mngr: ocp.CheckpointManager, step: int, *, model_vars: dict, o
     """Saves model, optimizer, config and (when given) the data iterator state at `step`.
 
     Returns whether a save was started (False off the save interval unless `force`). Asynchronous
-    when the manager is: call `mngr.wait_until_finished()` before exiting.
+    when the manager is: call `mngr.wait_until_finished()` before exiting. Every training save passes
+    here, so this is where a non-finite state is refused (NonFiniteStateError, nothing written).
     """
+    check_finite({"model": model_vars, "opt": opt_vars}, f"refusing to save training step {step}")
     items = dict(model=ocp.args.StandardSave(model_vars),
                  opt=ocp.args.StandardSave(opt_vars),
                  config=ocp.args.JsonSave(config_to_json(config)))
     if data_state is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_state)
-    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    with _save_errors(mngr, step):
+        return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (synchronously or in Orbax's background thread)."""
+
+
+@contextlib.contextmanager
+def _save_errors(mngr: ocp.CheckpointManager, step: int | None = None) -> Iterator[None]:
+    """Turns any error of a checkpoint write into one CheckpointSaveError naming the directory."""
+    try:
+        yield
+    except CheckpointSaveError:
+        raise
+    except Exception as e:
+        what = f"step {step}" if step is not None else "a checkpoint"
+        raise CheckpointSaveError(f"saving {what} in {mngr.directory} failed: {type(e).__name__}: {e}") from e
+
+
+def check_save_errors(mngr: ocp.CheckpointManager, step: int | None = None) -> None:
+    """Raises CheckpointSaveError when an asynchronous save has failed in the background (Orbax only
+    reports it when asked: without this the loop would train on until the next save)."""
+    # Orbax's finalize thread consumes the checkpointer's error (so `check_for_errors` misses it) and keeps
+    # it until `wait_until_finished`, which returns at once when no save is in progress.
+    if not mngr.is_saving_in_progress():
+        with _save_errors(mngr, step):
+            mngr.wait_until_finished()
+
+
+def wait_for_saves(mngr: ocp.CheckpointManager) -> None:
+    """`mngr.wait_until_finished()`, a failed save raised as CheckpointSaveError."""
+    with _save_errors(mngr):
+        mngr.wait_until_finished()
 
 
 def restore_training(mngr: ocp.CheckpointManager, step: int, *, model_target: dict, opt_target: dict,

@@ -46,7 +46,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -622,21 +622,27 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["task", "checkpoint"])
 
 
+def data_dir_from_config(config: ml_collections.ConfigDict) -> str | None:
+    """The TFDS data_dir a checkpoint's saved config names: eval.data_dir, else data.data_dir."""
+    ev, data = config.get("eval", {}), config.get("data", {})
+    return (ev.get("data_dir") if ev else None) or (data.get("data_dir") if data else None)
+
+
 def main(argv: list[str]) -> None:
     del argv
+    from eao_jax import console  # noqa: PLC0415
+
+    console.quiet_libraries()
     distributed.initialize_from_flags()
     from eao_jax import checkpoint as ckpt  # noqa: PLC0415
 
-    step = ckpt.latest_step(FLAGS.checkpoint) if FLAGS.step is None else FLAGS.step
-    saved = ckpt.restore_config(FLAGS.checkpoint, step)
+    root = ckpt.checkpoint_root(FLAGS.checkpoint)  # a convert output, WORKDIR/checkpoints or WORKDIR
+    step = ckpt.latest_step(root) if FLAGS.step is None else FLAGS.step
+    saved = ckpt.restore_config(root, step)
     config = model_config_for_strategy(saved, FLAGS.task, FLAGS.strategy)
     mesh = eval_mesh()
-    model, config, step = ckpt.load_model(FLAGS.checkpoint, step, config=config,
-                                          sharding=NamedSharding(mesh, P()))
-    data_dir = FLAGS.data_dir
-    if data_dir is None:
-        ev, data = config.get("eval", {}), config.get("data", {})
-        data_dir = (ev.get("data_dir") if ev else None) or (data.get("data_dir") if data else None)
+    model, config, step = ckpt.load_model(root, step, config=config, sharding=NamedSharding(mesh, P()))
+    data_dir = FLAGS.data_dir or data_dir_from_config(config)
     if not data_dir:
         raise app.UsageError("--data_dir is required (the checkpoint's config names no data_dir)")
     if task_spec(FLAGS.task).dataset == "synthetic":  # prepared on demand: by one process first
@@ -649,10 +655,10 @@ def main(argv: list[str]) -> None:
     results = evaluate_task(model, FLAGS.task, data_dir=data_dir, strategy=FLAGS.strategy, config=config,
                             batch_size=FLAGS.batch_size, tfds_config=FLAGS.tfds_config,
                             loc_embedding=FLAGS.loc_embedding, decoder=FLAGS.decoder, log_softmax=log_softmax,
-                            convention=FLAGS.convention, mesh=mesh, checkpoint=os.fspath(FLAGS.checkpoint),
+                            convention=FLAGS.convention, mesh=mesh, checkpoint=os.fspath(root),
                             step=step, output=FLAGS.output, print_table=True)
     if distributed.is_main_process() and FLAGS.output:
-        logging.info("wrote %s", FLAGS.output)
+        print(f"wrote {FLAGS.output}")
     del results
 
 

@@ -40,7 +40,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eao_jax import distributed
+from eao_jax import console, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).",
                                           lock_config=True)
@@ -54,12 +54,11 @@ distributed.define_flags()
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax, TFDS) drown the progress bar
-        logging.set_verbosity(logging.WARNING)
+    console.quiet_libraries()  # library INFO logs (Orbax, TFDS) drown the progress bar
     # ------------------------------------------------------------------- Distributed init (first JAX call)
     info = distributed.initialize_from_flags()
 
-    from eao_jax import config_utils, train  # noqa: PLC0415 (after distributed init)
+    from eao_jax import checkpoint, config_utils, train  # noqa: PLC0415 (after distributed init)
 
     workdir = _WORKDIR.value
     try:
@@ -73,7 +72,10 @@ def main(argv: list[str]) -> None:
     except config_utils.ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
         sys.exit(1)
-    except train.NonFiniteLossError as e:
+    except checkpoint.NonFiniteStateError as e:  # train.NonFiniteLossError included
+        print(f"Training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    except checkpoint.CheckpointSaveError as e:
         print(f"Training stopped: {e}", file=sys.stderr)
         sys.exit(1)
     if info.is_main:

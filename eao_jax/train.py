@@ -16,9 +16,11 @@ checkpoints and evaluations; SIGTERM / preemption) -> final save -> final evalua
 
 Numerics: parameters and optimizer state are float32; `model.dtype="bfloat16"` makes the matmuls
 and convolutions bf16 (the model casts), the loss is computed in float32 on the embeddings.
-A step whose loss or gradient is not finite leaves the whole state unchanged on device and reports
-`finite=0`; the host stops the run at the next metrics fetch (or before the next checkpoint) with
-a `NonFiniteLossError`, so no non-finite state is ever saved.
+A step whose loss, gradient or updated state is not finite leaves the whole state unchanged on
+device and reports `finite=0`; the host stops the run at the next metrics fetch (or before the next
+checkpoint) with a `NonFiniteLossError`. Independently, every save (periodic, final, SIGTERM /
+preemption) goes through `checkpoint.save_training`, which refuses a state holding NaN/Inf, so no
+non-finite state is ever saved.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ CHECKPOINT_SUBDIR = "checkpoints"
 RESULTS_SUBDIR = "results"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient became NaN/inf; the run stopped without saving that state."""
+class NonFiniteLossError(ckpt.NonFiniteStateError):
+    """The loss, gradient or updated state became NaN/inf; the run stopped without saving that state."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,9 +185,14 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
         grad_norm = optax.tree.norm(grads)
         lr = schedule(ts.opt.step[...])
         ts.opt.update(ts.model, grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Skip the whole update (params, moments, BatchNorm statistics, step) when non-finite.
         new_leaves, treedef = jax.tree.flatten(nnx.state(ts))
+        # A finite loss and gradient can still give a non-finite update (an absurd learning rate or
+        # optimizer state), so the updated state itself is checked too.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for leaf in new_leaves:
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                finite &= jnp.isfinite(leaf).all()
+        # Skip the whole update (params, moments, BatchNorm statistics, step) when non-finite.
         new_state = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in
                                                  zip(new_leaves, old_leaves, strict=True)])
         metrics = {k: v.astype(jnp.float32) for k, v in info.items() if k != "total"}
@@ -352,7 +359,15 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
     """Fills run-dependent defaults in place: the synthetic dataset, when `data.data_dir` is unset,
     lives in WORKDIR/data (prepared there on first use). Returns `config`."""
     if config.data.data_dir is None and config.data.dataset == "synthetic":
-        config.data.data_dir = os.path.join(os.fspath(workdir), "data")
+        config.data.data_dir = os.fspath(ckpt.resolve_path(workdir) / "data")
+    # Saved with the checkpoints, where `evaluate` and `attention` read them: absolute, so that they
+    # work from any directory.
+    for section in ("data", "eval"):
+        d = config[section].get("data_dir") if section in config else None
+        if d:
+            config[section].data_dir = os.fspath(ckpt.resolve_path(d))
+    if config.get("init_from"):
+        config.init_from = os.fspath(ckpt.resolve_path(config.init_from))
     if config.data.data_dir is None:
         raise ConfigError(f"data.data_dir: not set (the TFDS data_dir of the prepared {config.data.dataset!r} "
                           "dataset, see `python -m eao_jax.prepare`)")
@@ -420,14 +435,12 @@ class TrainResult:
 
 
 def _checkpoint_dir(workdir: str) -> epath.Path:
-    return epath.Path(workdir) / CHECKPOINT_SUBDIR
+    return ckpt.resolve_path(workdir) / CHECKPOINT_SUBDIR
 
 
 def resolve_init_from(path: str) -> tuple[epath.Path, int]:
     """A checkpoint root (converter output, or a training workdir) -> (root, latest complete step)."""
-    root = epath.Path(path)
-    if (root / CHECKPOINT_SUBDIR).exists():
-        root = root / CHECKPOINT_SUBDIR
+    root = ckpt.checkpoint_root(path)
     try:
         step = ckpt.latest_step(root)
     except FileNotFoundError as e:
@@ -547,7 +560,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             terms = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("finite", "lr"))
             where = (f"the last checkpoint is step {last_saved} in {_checkpoint_dir(workdir)}"
                      if last_saved is not None else "no checkpoint was saved")
-            msg = (f"non-finite loss or gradient at step {bad_step} ({terms}); the update was skipped "
+            what = ("loss or gradient" if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
+                    else "update (parameters or optimizer state after a finite gradient)")
+            msg = (f"non-finite {what} at step {bad_step} ({terms}); the update was skipped "
                    f"and training stops: {where}. Lower train.lr or check the data and init_from.")
             logger.log_event(bad_step, "stopped: " + msg)
             raise NonFiniteLossError(msg)
@@ -575,6 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 check_batch_against_model({k: v.shape for k, v in item.batch.items()}, config)
                 t_compile = time.perf_counter()
             state, metrics = train_step(state, item.batch)
+            ckpt.check_save_errors(mngr, last_saved)  # a failed background save stops the run now
             step += 1
             data_state = item.data_state
             window.add(step, metrics, item.wait_s)
@@ -592,7 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 check_window()
             if preempted:
                 save(step, force=True)
-                mngr.wait_until_finished()
+                ckpt.wait_for_saves(mngr)
                 status = "preempted"
                 logger.log_event(step, f"stop requested ({stop.signal_name or 'preemption'}): saved step {step}")
                 break
@@ -609,7 +625,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         check_window()
         if status == "finished" and last_saved != step:
             save(step, force=True)
-        mngr.wait_until_finished()
+        ckpt.wait_for_saves(mngr)
     except BaseException:
         logger.close()
         raise
