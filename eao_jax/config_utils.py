@@ -12,6 +12,7 @@ Dataset-dependent checks (feature dimensions against `model.video_dim` / `text_d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -201,6 +202,21 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     _positive_int(t, "train", "log_every")
 
 
+def check_finite_numbers(config: Mapping[str, Any], prefix: str = "") -> None:
+    """Raises ConfigError naming the first number of `config` that is NaN or infinite: no field
+    takes one (an infinite learning rate, say, would turn every parameter non-finite in one step)."""
+    for key in config.keys():
+        value, path = config[key], f"{prefix}{key}"
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            check_finite_numbers(value, f"{path}.")
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{path}[{i}] must be a finite number, got {v}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number, got {value}")
+
+
 def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None = None,
                     process_count: int = 1) -> None:
     """Checks a training config before anything is built (see the module docstring).
@@ -210,6 +226,7 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
     Raises ConfigError whose message starts with the offending field.
     """
     config = complete_config(config)  # also refuses unknown fields
+    check_finite_numbers(config)
     for section in ("model", "loss", "data", "train", "mesh", "checkpoint", "eval"):
         if section not in config:
             raise ConfigError(f"{section}: missing config section")

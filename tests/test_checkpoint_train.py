@@ -116,3 +116,26 @@ def test_iterator_snapshot_roundtrip():
     assert other.state == {"a": [1, 2], "b": "x"}
     with pytest.raises(ValueError, match="no data iterator state"):
         ckpt.IteratorSnapshot().get_state()
+
+
+def test_non_finite_state_is_never_saved(setup, tmp_path):
+    # Every training save (periodic, final, SIGTERM/preemption) and `convert` go through these two writers.
+    c, mesh, abstract, shardings = setup
+    values = jax.device_put(random_state(abstract, 1), nnx.to_pure_dict(shardings))  # sharded device arrays
+    mngr = ckpt.training_manager(tmp_path / "train", c.checkpoint)
+    assert ckpt.save_training(mngr, 1, model_vars=values["model"], opt_vars=values["opt"], config=c)
+    mngr.wait_until_finished()
+    host = random_state(abstract, 2)
+    host["opt"]["opt_state"][0]["nu"]["masking_token"][3] = np.inf
+    bad = jax.device_put(host, nnx.to_pure_dict(shardings))
+    with pytest.raises(ckpt.NonFiniteStateError, match=r"step 2: 1 arrays hold NaN or Inf values "
+                                                       r"\(opt/opt_state/0/nu/masking_token\)"):
+        ckpt.save_training(mngr, 2, model_vars=bad["model"], opt_vars=bad["opt"], config=c, force=True)
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [1]
+    mngr.close()
+    model_vars = random_state(abstract, 3)["model"]
+    model_vars["fusion"]["blocks"][0]["fc1"]["kernel"][0, 0] = np.nan
+    with pytest.raises(ckpt.NonFiniteStateError, match="fusion/blocks/0/fc1/kernel"):
+        ckpt.save_model(tmp_path / "converted", 0, model_vars, c)
+    assert not (tmp_path / "converted").exists()

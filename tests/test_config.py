@@ -73,6 +73,12 @@ def test_unknown_field_is_named(section, field):
     (lambda c: setattr(c.eval, "tasks", ("imagenet",)), "eval.tasks"),
     (lambda c: setattr(c.loss.weights, "tv", -1.0), "loss.weights.tv"),
     (lambda c: setattr(c.mesh, "model", 3), "mesh.model"),
+    # Non-finite numbers anywhere: an infinite learning rate passes `lr > 0` but makes every update inf.
+    (lambda c: setattr(c.train, "lr", float("inf")), "train.lr"),
+    (lambda c: setattr(c.train, "eps", float("nan")), "train.eps"),
+    (lambda c: setattr(c.loss, "temperature", float("inf")), "loss.temperature"),
+    (lambda c: setattr(c.loss.weights, "tv", float("nan")), "loss.weights.tv"),
+    (lambda c: setattr(c.data, "min_time", float("inf")), "data.min_time"),
 ])
 def test_bad_values_are_named(edit, field):
     c = demo()  # demo: embed 128, 4 heads, 6 DAVEnet stages (n_stft >= 64), 12 video tokens

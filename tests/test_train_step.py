@@ -172,3 +172,20 @@ def test_bf16_compute_keeps_fp32_state(initial, single):
     assert abs(m["loss"] - ref_m["loss"]) < 0.02 * abs(ref_m["loss"])  # the same loss to ~1 %
     assert {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)} == {
         jnp.dtype(jnp.float32)}
+
+
+def test_non_finite_update_after_a_finite_gradient_is_skipped(initial, single):
+    # An absurd but finite Adam first moment: loss and gradient stay finite, the bias-corrected moment
+    # (mu / (1 - b1)) overflows to inf and so does the update. Nothing of it may reach the state.
+    c0, graphdef, abstract, pure = initial
+    mesh, shardings, step, _ = single[0]
+    bad = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.full_like(x, 3e38) if "mu" in [str(getattr(k, "key", "")) for k in p] else x, pure)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(bad) if np.issubdtype(x.dtype, np.floating))
+    state = train._fill(abstract, jax.device_put(bad, nnx.to_pure_dict(shardings)))
+    state, m = step(state, parallel.global_batch(make_batch(0), mesh))
+    m = jax.device_get(m)
+    assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) and m["finite"] == 0
+    got = jax.device_get(nnx.to_pure_dict(state))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(bad), strict=True):
+        np.testing.assert_array_equal(a, b)  # the update was not applied
