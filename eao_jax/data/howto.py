@@ -22,6 +22,7 @@ import numpy as np
 
 from eao_jax.data import audio as audio_lib
 from eao_jax.data import video as video_lib
+from eao_jax.data.records import half_to_float32
 from eao_jax.data.text import WordTable, tokenize
 
 FPS_2D = 1.0
@@ -177,21 +178,31 @@ def clip_reads(plan, video, *, n_stft: int, n_video_tokens: int, fps_2d: float, 
 
 def _write(out: dict[str, np.ndarray], row: int, plan, reads: ClipReads, video, table: WordTable, *,
            max_words: int) -> int:
-    """Writes one planned clip into row `row` of zero-filled arrays; returns its real audio frames."""
+    """Writes every value of clip row `row` (padding included, so the arrays need no zero fill);
+    returns its real audio frames."""
     words = plan[2]
-    n = reads.a_hi - reads.a_lo
-    if n > 0:
-        np.copyto(out["audio"][row, :, :n], video.frames(reads.a_lo, reads.a_hi), casting="same_kind")
-        out["audio_mask"][row, :n] = 1.0
-    if words:
-        ids = table.ids(words)[:max_words]  # out-of-vocabulary words dropped before truncation
-        if ids:
-            out["text"][row, :len(ids)] = table.vectors[ids]
-            out["text_mask"][row, :len(ids)] = 1.0
+    n = max(reads.a_hi - reads.a_lo, 0)
+    audio, amask = out["audio"][row], out["audio_mask"][row]
+    if n:
+        half_to_float32(video.frames(reads.a_lo, reads.a_hi), out=audio[:, :n])  # float16 storage
+    audio[:, n:] = 0.0
+    amask[:n] = 1.0
+    amask[n:] = 0.0
+    ids = table.ids(words)[:max_words] if words else []  # out-of-vocabulary words dropped before truncation
+    k = len(ids)
+    text, tmask = out["text"][row], out["text_mask"][row]
+    if k:
+        np.take(table.vectors, ids, axis=0, out=text[:k])
+    text[k:] = 0.0
+    tmask[:k] = 1.0
+    tmask[k:] = 0.0
     rows2 = None if reads.idx_2d is None else video.rows_2d(reads.idx_2d)
     rows3 = None if reads.r3_lo is None else video.rows_3d(reads.r3_lo, reads.r3_hi)
-    video_lib.write_clip_tokens(out["video"][row], out["video_mask"][row], rows2, rows3)
-    return max(n, 0)
+    vid, vmask = out["video"][row], out["video_mask"][row]
+    m = video_lib.write_clip_tokens(vid, vmask, rows2, rows3)
+    vid[m:] = 0.0
+    vmask[m:] = 0.0
+    return n
 
 
 def _in_grain_worker() -> bool:
@@ -202,25 +213,21 @@ def _in_grain_worker() -> bool:
     return bool(getattr(process_prefetch, "_is_in_worker_process", False))
 
 
-def _zeros(shape: tuple[int, ...], zeros=np.zeros) -> np.ndarray:
-    return zeros(shape, np.float32)
-
-
 def empty_clips(n: int, *, video_dim: int, text_dim: int, max_words: int = 20, n_stft: int = 768,
                 n_video_tokens: int = 12) -> dict[str, np.ndarray]:
-    """Zero-filled clip arrays for n rows (the batch contract's shapes).
+    """Uninitialised clip arrays for n rows (the batch contract's shapes); `_write` fills every value.
 
-    In a grain worker process they are allocated in shared memory (zero-filled by the OS), which grain
-    hands to the main process without another copy of the batch.
+    In a grain worker process they are allocated in shared memory, which grain hands to the main
+    process without another copy of the batch.
     """
-    zeros = np.zeros
+    alloc = np.empty
     if _in_grain_worker():
         from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
-        zeros = SharedMemoryArray
-    return dict(video=_zeros((n, n_video_tokens, video_dim), zeros), video_mask=_zeros((n, n_video_tokens), zeros),
-                text=_zeros((n, max_words, text_dim), zeros), text_mask=_zeros((n, max_words), zeros),
-                audio=_zeros((n, audio_lib.N_MELS, n_stft), zeros), audio_mask=_zeros((n, n_stft), zeros))
+        alloc = SharedMemoryArray
+    shapes = dict(video=(n, n_video_tokens, video_dim), video_mask=(n, n_video_tokens), text=(n, max_words, text_dim),
+                  text_mask=(n, max_words), audio=(n, audio_lib.N_MELS, n_stft), audio_mask=(n, n_stft))
+    return {k: alloc(v, np.float32) for k, v in shapes.items()}
 
 
 def _video_dim(features_2d, features_3d) -> int:

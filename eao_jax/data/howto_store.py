@@ -26,10 +26,37 @@ from eao_jax.data.howto import ArrayVideo, Caption, ClipReads
 
 INDEX_FILE = "train_index.npz"
 LAYOUTS = ("howto", "howto_chunks")
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Asks glibc to keep freed blocks below 64 MB for reuse instead of returning them to the OS.
+
+    A reader allocates and frees ~150 KB records and ~50 MB clip arrays continuously; by default
+    glibc maps and unmaps them, and first-touch page faults then cost as much as the reading
+    (measured: ~15 % of the loader's CPU time on a VM). The process keeps its peak working set
+    instead. No effect where mallopt is unavailable (not glibc).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class HowToStore:
     """The videos of one HowTo-layout split of a `PreparedDataset` (see the module docstring)."""
+
+    # Records and bytes read by every store of this process (the loader benchmark reads them).
+    total_records_read = 0
+    total_bytes_read = 0
 
     def __init__(self, ds: Any, split: str):
         self.layout = ds.layout(split)
@@ -43,6 +70,7 @@ class HowToStore:
             self._src = ds.source(split)
             self._num_videos = len(self._src)
             return
+        keep_freed_memory()
         md = ds.metadata
         self._src = ds.raw_source(split)
         index_path = os.path.join(ds.path, INDEX_FILE)
@@ -61,11 +89,20 @@ class HowToStore:
     def __len__(self) -> int:
         return self._num_videos
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        keep_freed_memory()  # in a grain worker process
+
     def read_raw(self, positions: list[int]) -> list[bytes]:
         out = [self._src[int(p)] for p in positions]
-        self.records_read += len(out)
-        self.bytes_read += sum(len(r) for r in out)
+        self._count_read(len(out), sum(len(r) for r in out))
         return out
+
+    def _count_read(self, n: int, nbytes: int) -> None:
+        self.records_read += n
+        self.bytes_read += nbytes
+        HowToStore.total_records_read += n
+        HowToStore.total_bytes_read += nbytes
 
     def videos(self, indices: list[int]) -> list[Any]:
         """The videos at `indices` (positions in the split's video order), headers read."""
@@ -73,8 +110,7 @@ class HowToStore:
             out = []
             for i in indices:
                 rec = self._src[int(i)]
-                self.records_read += 1
-                self.bytes_read += sum(np.asarray(v).nbytes for v in rec.values() if isinstance(v, np.ndarray))
+                self._count_read(1, sum(v.nbytes for v in rec.values() if isinstance(v, np.ndarray)))
                 v = ArrayVideo(rec["audio"], rec["features_2d"] if self.use_2d else None,
                                rec["features_3d"] if self.use_3d else None)
                 v.caption = Caption({"start": rec["caption_start"], "end": rec["caption_end"],
@@ -123,7 +159,7 @@ class ChunkedVideo:
         self.n_3d = records.raw_int(header["length_3d"]) if store.use_3d else None
         self.caption = Caption({"start": records.raw_array(header["caption_start"], np.float64),
                                 "end": records.raw_array(header["caption_end"], np.float64),
-                                "text": list(header["caption_text"].bytes_list.value)})
+                                "text": [bytes(t) for t in header["caption_text"]]})
         self._chunks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def fetch_all(self) -> None:
@@ -159,21 +195,27 @@ class ChunkedVideo:
             return self._chunks[c0][part]
         return np.concatenate([self._chunks[c][part] for c in range(c0, c1 + 1)], axis=1 if part == 2 else 0)
 
+    def _span(self, part: int, lo: int, hi: int) -> np.ndarray:
+        """Rows (frames for audio) [lo, hi) of one part, copying only when they span chunks."""
+        rows = self._store.rows[part]
+        c0, c1 = lo // rows, (hi - 1) // rows
+        pieces = []
+        for c in range(c0, c1 + 1):
+            arr, base = self._chunks[c][part], c * rows
+            s, e = max(lo, base) - base, min(hi, base + rows) - base
+            pieces.append(arr[:, s:e] if part == 2 else arr[s:e])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1 if part == 2 else 0)
+
     def frames(self, lo: int, hi: int) -> np.ndarray:
-        ra = self._store.rows[2]
-        c0, c1 = lo // ra, (hi - 1) // ra
-        return self._block(2, c0, c1)[:, lo - c0 * ra:hi - c0 * ra]
+        return self._span(2, lo, hi)
 
     def rows_2d(self, idx: np.ndarray) -> np.ndarray:
-        r2 = self._store.rows[0]
         if not len(idx):
             return np.zeros((0, self._store.dims[0]), self._store.feature_dtype)
-        c0, c1 = int(idx[0]) // r2, int(idx[-1]) // r2
-        return self._block(0, c0, c1)[idx - c0 * r2]
+        lo = int(idx[0])
+        return self._span(0, lo, int(idx[-1]) + 1)[idx - lo]
 
     def rows_3d(self, lo: int, hi: int) -> np.ndarray:
-        r3 = self._store.rows[1]
         if hi <= lo:
             return np.zeros((0, self._store.dims[1]), self._store.feature_dtype)
-        c0, c1 = lo // r3, (hi - 1) // r3
-        return self._block(1, c0, c1)[lo - c0 * r3:hi - c0 * r3]
+        return self._span(1, lo, hi)

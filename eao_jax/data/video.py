@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from eao_jax.data.records import half_to_float32
+
 STRATEGIES = ("clip", "nearest", "max_pool")
 
 
@@ -35,7 +37,7 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Row-wise x / max(||x||, eps), float32 (torch.nn.functional.normalize)."""
-    y = np.array(x, dtype=np.float32)  # a float32 copy, normalised in place
+    y = half_to_float32(x) if x.dtype == np.float16 else np.array(x, dtype=np.float32)  # a copy, normalised in place
     norm = np.sqrt(np.einsum("ij,ij->i", y, y))
     y /= np.maximum(norm, np.float32(eps))[:, None]
     return y
@@ -103,18 +105,23 @@ def clip_rows(n2: int | None, n3: int | None, n_tokens: int) -> tuple[np.ndarray
 
 
 def write_clip_tokens(video: np.ndarray, mask: np.ndarray, rows_2d: np.ndarray | None,
-                      rows_3d: np.ndarray | None) -> None:
-    """Writes "clip" tokens into zero-filled (Nv, D2 + D3) / (Nv,) arrays from the rows `clip_rows`
-    selects (each part L2-normalised; a lone part fills the whole width)."""
+                      rows_3d: np.ndarray | None) -> int:
+    """Writes "clip" tokens into rows :m of float32 (Nv, D2 + D3) / (Nv,) arrays from the rows
+    `clip_rows` selects (each part L2-normalised in place; a lone part fills the whole width);
+    returns m (rows m: are left as they are: zero-filled arrays give the padded video)."""
     parts = [r for r in (rows_2d, rows_3d) if r is not None]
     m = min(len(r) for r in parts)
     if m == 0:
-        return
+        return 0
     col = 0
     for r in parts:
-        video[:m, col:col + r.shape[1]] = l2_normalize(r[:m])
+        dst = video[:m, col:col + r.shape[1]]
+        half_to_float32(r[:m], out=dst)
+        norm = np.sqrt(np.einsum("ij,ij->i", dst, dst))
+        dst /= np.maximum(norm, np.float32(1e-12))[:, None]
         col += r.shape[1]
     mask[:m] = 1.0
+    return m
 
 
 def _outputs(out, n_tokens: int, d: int) -> tuple[np.ndarray, np.ndarray]:
