@@ -267,11 +267,14 @@ def test_cli_on_a_saved_checkpoint(model, syn_dir, tmp_path):
     ckpt.save_model(tmp_path / "ckpt", 7, ckpt.model_variables(model), config)
     out = tmp_path / "cli" / "results.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # Relative paths everywhere (checkpoint, data_dir, output), as a user types them.
     proc = subprocess.run(
-        [sys.executable, "-m", "eao_jax.evaluate", "--task=synthetic", f"--checkpoint={tmp_path / 'ckpt'}",
-         f"--data_dir={syn_dir}", f"--tfds_config={SYN}", f"--output={out}", "--batch_size=8"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [sys.executable, "-m", "eao_jax.evaluate", "--task=synthetic", "--checkpoint=ckpt",
+         f"--data_dir={os.path.relpath(syn_dir, tmp_path)}", f"--tfds_config={SYN}", "--output=cli/results.json",
+         "--batch_size=8"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "orbax" not in proc.stderr.lower(), proc.stderr[-3000:]  # as quiet as main: no Orbax INFO dump
     res = json.loads(out.read_text())
     assert res["step"] == 7 and res["checkpoint"] == os.fspath(tmp_path / "ckpt")
     assert res["num_queries"] == 32 and "t2v" in proc.stdout and "evaluated 32 of 32" in proc.stdout
