@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as py_logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -329,6 +330,130 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, *, model_target: di
             snapshot = IteratorSnapshot(data_state_for_process_count(data_dir, count))
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
     return restored.model, restored.opt, snapshot
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No step of a training checkpoint directory restores completely; says what to delete."""
+
+
+CORRUPT_SUBDIR = "corrupt_checkpoints"  # beside `checkpoints/`: steps a resume skipped, kept for inspection
+
+
+def step_problem(directory: str | epath.Path, step: int) -> str | None:
+    """Why training step `step` under `directory` is visibly incomplete (an empty step directory, a
+    missing item or array manifest, a missing or unreadable data iterator file), or None. Damage
+    inside the array files only shows when they are read (`restore_newest_training`)."""
+    d = epath.Path(directory) / str(step)
+    if not d.is_dir():
+        return "the step directory is missing"
+    if not any(d.iterdir()):
+        return "the step directory is empty"
+    for item in ("model", "opt", "config"):
+        if not (d / item).is_dir():
+            return f"item '{item}' is missing"
+    for item in ("model", "opt"):
+        for name in ("manifest.ocdbt", "_METADATA"):
+            if not (d / item / name).exists():
+                return f"{item}/{name} is missing"
+    data = d / "data"
+    if data.is_dir():  # a step without `data` is legal: the data order then restarts
+        own = data / _state_file(jax.process_index(), jax.process_count())
+        files = [own] if own.exists() else sorted(f for f in data.iterdir() if _STATE_FILE_RE.match(f.name))
+        if not files:
+            return "data/ holds no data iterator state (process_<i>-of-<n>.json)"
+        for f in files:
+            try:
+                json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                return f"data/{f.name} is not a readable data iterator state ({e})"
+    return None
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_asyncio() -> Iterator[None]:
+    # A failed tensorstore read leaves un-retrieved futures that asyncio logs with a page of JSON each.
+    logger = py_logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(py_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def restore_newest_training(mngr: ocp.CheckpointManager, *, model_target: dict, opt_target: dict,
+                            check_config: Callable[[ml_collections.ConfigDict, int], None] | None = None
+                            ) -> tuple[int, dict, dict, IteratorSnapshot | None, list[tuple[int, str]]] | None:
+    """Restores the newest step of `mngr` that restores completely, walking back over damaged ones.
+
+    Returns (step, model_vars, opt_vars, data snapshot, [(skipped step, why), ...]) or None when the
+    directory holds no step. Skipped steps are moved to `../corrupt_checkpoints/` (so the run can
+    write those steps again). `check_config(saved_config, step)` may refuse a step's config by
+    raising: that error propagates (a changed config is not damage). Raises CheckpointRestoreError
+    naming every step and what to delete when no step restores.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        return None
+    root = epath.Path(mngr.directory)
+    skipped: list[tuple[int, str]] = []
+    for step in steps:
+        reason = step_problem(root, step)
+        if reason is None:
+            try:
+                with _quiet_asyncio():
+                    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+                saved = config_from_json(saved)
+            except Exception as e:
+                reason = f"the config item cannot be read ({_one_line(e)})"
+        if reason is None:
+            if check_config is not None:
+                check_config(saved, step)
+            try:
+                with _quiet_asyncio():
+                    model_vars, opt_vars, snapshot = restore_training(mngr, step, model_target=model_target,
+                                                                      opt_target=opt_target)
+            except Exception as e:
+                reason = f"restoring it failed ({_one_line(e)})"
+        if reason is not None:
+            logging.warning("checkpoint step %d in %s is skipped: %s", step, root, reason)
+            skipped.append((step, reason))
+            continue
+        if skipped:
+            _set_aside(mngr, [s for s, _ in skipped])
+        return step, model_vars, opt_vars, snapshot, skipped
+    listing = "; ".join(f"step {s}: {why}" for s, why in skipped)
+    paths = " ".join(os.fspath(root / str(s)) for s, _ in skipped)
+    if len(skipped) == 1:
+        raise CheckpointRestoreError(f"checkpoint step {skipped[0][0]} in {root} cannot be restored ({skipped[0][1]}) "
+                                     f"and there is no earlier step: delete {paths} to start this run from scratch")
+    raise CheckpointRestoreError(f"no checkpoint step in {root} restores ({listing}): delete {paths} to start this "
+                                 "run from scratch")
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves damaged step directories out of the Orbax root (process 0; the others wait for it)."""
+    root = epath.Path(mngr.directory)
+    if jax.process_index() == 0:
+        dest = root.parent / CORRUPT_SUBDIR
+        dest.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            target, n = dest / str(step), 1
+            while target.exists():
+                target, n = dest / f"{step}.{n}", n + 1
+            (root / str(step)).rename(target)
+            logging.warning("moved the damaged checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("eao_jax: damaged checkpoint steps set aside")
+    mngr.reload()
 
 
 _STATE_FILE_RE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")

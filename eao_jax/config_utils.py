@@ -104,6 +104,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.split = "train"
     d.read_threads = 2
     d.read_buffer = 4
+    # HowTo layouts: videos per element a reader builds (a divisor of the process's videos per batch;
+    # None: the largest one up to 16), so a worker holds tens of MB of clips rather than a batch.
+    d.worker_videos = config_dict.placeholder(int)
     d.video_strategy = "clip"  # fine-tuning on item datasets
     return d
 
@@ -317,3 +320,41 @@ def check_batch_against_model(shapes: Mapping[str, tuple[int, ...]], config: ml_
         if got != want:
             raise ConfigError(f"{field}={want} but {source} has {key} features of size {got} "
                               f"(shape {tuple(shapes[key])})")
+
+
+# Fields a resumed run may change: how long it runs, how it logs, saves, evaluates, where it reads the
+# data from and how it is laid out on the devices. Everything else (model, loss, seed, optimizer and
+# schedule, what the data pipeline yields) must equal the checkpoint's, or the resumed run would not
+# continue the saved one.
+RESUME_MAY_CHANGE = ("train.num_steps", "train.epochs", "train.log_every", "checkpoint.", "eval.", "mesh.",
+                     "init_from", "data.data_dir", "data.num_workers", "data.prefetch", "data.read_threads",
+                     "data.read_buffer")
+
+
+def _flat_json(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping | ml_collections.ConfigDict):
+        out: dict[str, Any] = {}
+        for k in d.keys():
+            out.update(_flat_json(d[k], f"{prefix}{k}."))
+        return out
+    if isinstance(d, tuple):
+        d = list(d)
+    return {prefix[:-1]: d}
+
+
+def resume_differences(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+    """'field: checkpoint X vs config Y' for every field (present in both) that differs between the
+    config a checkpoint was written with and the config resuming it, except RESUME_MAY_CHANGE."""
+    import json  # noqa: PLC0415
+
+    def flat(c):
+        return _flat_json(json.loads(c.to_json_best_effort()) if isinstance(c, ml_collections.ConfigDict) else c)
+
+    a, b = flat(saved), flat(config)
+    diffs = []
+    for key in sorted(set(a) & set(b)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUME_MAY_CHANGE):
+            continue
+        if a[key] != b[key]:
+            diffs.append(f"{key}: checkpoint {a[key]!r} vs config {b[key]!r}")
+    return diffs

@@ -33,14 +33,13 @@ and optimizer state are resharded; the data position carries over, see eao_jax.c
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from eao_jax import console, distributed
+from eao_jax.workdir_lock import WorkdirLockedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).",
                                           lock_config=True)
@@ -64,11 +63,7 @@ def main(argv: list[str]) -> None:
     try:
         config = config_utils.complete_config(_CONFIG.value)
         config = train.prepare_config(config, workdir)
-        if info.is_main:
-            os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(json.dumps(json.loads(config.to_json_best_effort()), indent=1) + "\n")
-        result = train.train_and_evaluate(config, workdir, progress_bar=_PROGRESS.value)
+        result = train.train_and_evaluate(config, workdir, progress_bar=_PROGRESS.value)  # writes config.json
     except config_utils.ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -77,6 +72,9 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     except checkpoint.CheckpointSaveError as e:
         print(f"Training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (WorkdirLockedError, checkpoint.CheckpointRestoreError) as e:
+        print(f"Training refused: {e}", file=sys.stderr)
         sys.exit(1)
     if info.is_main:
         for task, res in result.eval_results.items():

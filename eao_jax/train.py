@@ -25,8 +25,10 @@ non-finite state is ever saved.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
 import os
 import queue
 import signal
@@ -46,10 +48,17 @@ from flax import nnx
 
 from eao_jax import checkpoint as ckpt
 from eao_jax import parallel
-from eao_jax.config_utils import ConfigError, check_batch_against_model, validate_config
+from eao_jax.config_utils import (
+    RESUME_MAY_CHANGE,
+    ConfigError,
+    check_batch_against_model,
+    resume_differences,
+    validate_config,
+)
 from eao_jax.loss import combinatorial_loss
 from eao_jax.metrics_log import MetricsLogger
 from eao_jax.model.eao import EverythingAtOnce
+from eao_jax.workdir_lock import WorkdirLock
 
 CHECKPOINT_SUBDIR = "checkpoints"
 RESULTS_SUBDIR = "results"
@@ -477,14 +486,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        progress_bar: bool = True) -> TrainResult:
     """Trains per `config` in `workdir` (resuming from its newest complete checkpoint), then evaluates.
 
-    Raises ConfigError (before anything is compiled) for bad configs, NonFiniteLossError when the
-    loss diverges (nothing non-finite is saved).
+    Raises ConfigError (before anything is compiled) for bad configs and for a resume whose config
+    differs from the checkpoint's in a field that must not change, WorkdirLockedError when another
+    training holds the workdir, CheckpointRestoreError when no checkpoint step restores,
+    NonFiniteLossError when the loss diverges (nothing non-finite is saved).
     """
+    validate_config(config, n_devices=jax.device_count(), process_count=jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    # Process 0 holds the lock for the job (every process of one job shares the workdir).
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train_and_evaluate(config, workdir, progress_bar=progress_bar)
+
+
+def _check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> Callable:
+    def check(saved: ml_collections.ConfigDict, step: int) -> None:
+        diffs = resume_differences(saved, config)
+        if diffs:
+            first = diffs[0].split(":")[0]
+            raise ConfigError(
+                f"{first}: the config differs from the one checkpoint step {step} in {_checkpoint_dir(workdir)} "
+                f"was written with ({'; '.join(diffs)}). A resumed run must keep these fields (it may change "
+                f"{', '.join(p.rstrip('.') + ('.*' if p.endswith('.') else '') for p in RESUME_MAY_CHANGE)}): "
+                "use the checkpoint's values, or another --workdir for a new run")
+    return check
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                        progress_bar: bool = True) -> TrainResult:
     # --------------------------------------------------------------------------- Setup
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
-    validate_config(config, n_devices=jax.device_count(), process_count=process_count)
-    os.makedirs(workdir, exist_ok=True)
 
     # --------------------------------------------------------------------------- Mesh
     mesh = parallel.make_mesh(config.mesh)
@@ -498,6 +530,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             raise ConfigError(f"data.videos_per_batch={config.data.videos_per_batch} is larger than the "
                               f"{n_videos} training videos (train.steps_per_epoch=-1 derives 0 steps)")
         config.train.steps_per_epoch = spe
+    elif config.data.videos_per_batch > n_videos:  # a batch would repeat videos as each other's negatives
+        raise ConfigError(f"data.videos_per_batch={config.data.videos_per_batch} is larger than the {n_videos} "
+                          f"training videos of {config.data.dataset!r} (split "
+                          f"{config.data.get('split') or 'train'!r})")
     num_steps = total_steps(config)
     clips_per_step = config.data.videos_per_batch * config.data.clips_per_video
 
@@ -509,12 +545,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     # --------------------------------------------------------------------------- Restore or init
     mngr = ckpt.training_manager(_checkpoint_dir(workdir), config.checkpoint)
-    start_step = mngr.latest_step()
     data_state = None
-    if start_step is not None:
-        model_vars, opt_vars, snapshot = ckpt.restore_training(
-            mngr, start_step, model_target=_targets(abstract["model"], shardings["model"]),
-            opt_target=_targets(abstract["opt"], shardings["opt"]))
+    try:  # the newest step that restores completely; damaged newer ones are skipped and set aside
+        restored = ckpt.restore_newest_training(
+            mngr, model_target=_targets(abstract["model"], shardings["model"]),
+            opt_target=_targets(abstract["opt"], shardings["opt"]), check_config=_check_resume_config(config, workdir))
+    except BaseException:
+        mngr.close()
+        raise
+    if restored is not None:
+        start_step, model_vars, opt_vars, snapshot, skipped = restored
         state = _fill(abstract, {"model": model_vars, "opt": opt_vars})
         if snapshot is not None:
             train_iter.set_state(snapshot.state)
@@ -522,6 +562,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         resume_msg = f"resumed from {_checkpoint_dir(workdir)}/{start_step}"
         if snapshot is None:
             resume_msg += " (no data iterator state in the checkpoint: the data order restarts)"
+        if skipped:
+            resume_msg += (" after skipping damaged newer steps (" + "; ".join(f"step {s}: {why}" for s, why in skipped)
+                           + f"; moved to {ckpt.resolve_path(workdir) / ckpt.CORRUPT_SUBDIR})")
     else:
         start_step = 0
         _, state, _ = init_train_state(config, mesh)
@@ -535,6 +578,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             state = _fill(abstract, pure)
             resume_msg = f"model initialised from {root}/{step} (fresh optimizer)"
 
+    if is_main:  # under the workdir lock and after the resume check: never another run's record
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(json.dumps(ckpt.config_to_json(config), indent=1) + "\n")
     logger = MetricsLogger(workdir, num_steps, start_step, enabled=is_main, progress_bar=progress_bar)
     logger.log_event(start_step, resume_msg, num_steps=num_steps, global_batch=clips_per_step,
                      mesh=dict(mesh.shape))

@@ -139,3 +139,30 @@ def test_non_finite_state_is_never_saved(setup, tmp_path):
     with pytest.raises(ckpt.NonFiniteStateError, match="fusion/blocks/0/fc1/kernel"):
         ckpt.save_model(tmp_path / "converted", 0, model_vars, c)
     assert not (tmp_path / "converted").exists()
+
+
+def test_a_damaged_only_step_says_what_to_delete(setup, tmp_path):
+    c, mesh, abstract, shardings = setup
+    targets = dict(model_target=train._targets(abstract["model"], shardings["model"]),
+                   opt_target=train._targets(abstract["opt"], shardings["opt"]))
+    root = tmp_path / "checkpoints"
+    mngr = ckpt.training_manager(root, c.checkpoint)
+    assert ckpt.restore_newest_training(mngr, **targets) is None  # nothing saved yet: a fresh run
+    for step in (4, 5):
+        values = jax.device_put(random_state(abstract, step), nnx.to_pure_dict(shardings))
+        ckpt.save_training(mngr, step, model_vars=values["model"], opt_vars=values["opt"], config=c,
+                           data_state=ckpt.IteratorSnapshot({"next_index": step}), force=True)
+    mngr.wait_until_finished()
+    (root / "5" / "opt" / "manifest.ocdbt").unlink()
+    step, model, _, snapshot, skipped = ckpt.restore_newest_training(mngr, **targets)
+    assert (step, snapshot.state, skipped) == (4, {"next_index": 4}, [(5, "opt/manifest.ocdbt is missing")])
+    want = random_state(abstract, 4)["model"]["masking_token"]
+    np.testing.assert_array_equal(np.asarray(model["masking_token"]), want)
+    assert mngr.all_steps() == [4] and (tmp_path / ckpt.CORRUPT_SUBDIR / "5").is_dir()
+    (root / "4" / "data" / "process_0-of-1.json").write_text("{")
+    with pytest.raises(ckpt.CheckpointRestoreError,
+                       match=rf"^checkpoint step 4 in {root} cannot be restored \(data/process_0-of-1.json is "
+                             rf"not a readable data iterator state .*\) and there is no earlier step: delete "
+                             rf"{root / '4'} to start this run from scratch$"):
+        ckpt.restore_newest_training(mngr, **targets)
+    mngr.close()

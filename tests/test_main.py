@@ -161,6 +161,9 @@ def test_non_finite_loss_stops_without_saving_it(shared, tmp_path):
     (("--config.train.lrr=1",), "train.lrr"),  # unknown field
     (("--config.model.num_heads=5",), "model.embed_dim"),  # 32 not divisible by 5 heads
     (("--config.data.videos_per_batch=3", "--config.data.clips_per_video=1"), "data.videos_per_batch"),  # 3 on 2
+    (("--config.train.lr=inf",), "train.lr must be a finite number"),
+    # 26 videos per batch from the 24 of the tiny split: batches would repeat videos as negatives.
+    (("--config.data.videos_per_batch=26",), "data.videos_per_batch=26 is larger than the 24 training videos"),
 ])
 def test_config_errors_fail_before_compiling(shared, tmp_path, overrides, field):
     t0 = time.time()
@@ -214,3 +217,77 @@ def _load_demo_tiny():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config("tiny")
+
+
+def _corrupt(step_dir: pathlib.Path, how: str) -> None:
+    import shutil  # noqa: PLC0415
+
+    if how == "truncated array file":
+        f = max((step_dir / "model" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+        os.truncate(f, 100)
+    elif how == "missing manifest":
+        (step_dir / "model" / "manifest.ocdbt").unlink()
+    elif how == "missing item":
+        shutil.rmtree(step_dir / "opt")
+    elif how == "empty step directory":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+    elif how == "missing data iterator file":
+        (step_dir / "data" / "process_0-of-1.json").unlink()
+    elif how == "truncated data iterator file":
+        os.truncate(step_dir / "data" / "process_0-of-1.json", 3)
+
+
+CORRUPTIONS = {7: "truncated array file", 6: "missing manifest", 5: "missing item", 4: "empty step directory",
+               3: "missing data iterator file", 2: "truncated data iterator file"}
+
+
+def test_damaged_newest_checkpoints_are_skipped_and_the_run_ends_as_an_uninterrupted_one(shared, tmp_path):
+    import shutil  # noqa: PLC0415
+
+    common = ("--config.train.num_steps=8", "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=20",
+              "--config.train.log_every=4")
+    ref = _run(shared, tmp_path / "ref", *common)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    work = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "ref" / "checkpoints", work / "checkpoints")
+    shutil.rmtree(work / "checkpoints" / "8")
+    for step, how in CORRUPTIONS.items():  # steps 7..2 each damaged in one way; step 1 intact
+        _corrupt(work / "checkpoints" / str(step), how)
+    # A lock file left by a dead training (its pid no longer runs) does not block.
+    (work / ".lock").write_text(json.dumps({"pid": 2**22 + 17, "host": "gone", "since": 0}) + "\n")
+
+    res = _run(shared, work, *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = [r["message"] for r in read_metrics(work, "event") if r["message"].startswith("resumed from")]
+    assert len(resumed) == 1 and resumed[0].startswith(f"resumed from {work / 'checkpoints'}/1 after skipping"), resumed
+    for step, why in {7: "restoring it failed", 6: "model/manifest.ocdbt is missing", 5: "item 'opt' is missing",
+                      4: "the step directory is empty", 3: "data/ holds no data iterator state",
+                      2: "data/process_0-of-1.json is not a readable data iterator state"}.items():
+        assert f"step {step}: {why}" in resumed[0], (step, resumed[0])
+    assert sorted(int(p.name) for p in (work / "corrupt_checkpoints").iterdir()) == sorted(CORRUPTIONS)
+    step_ref, p_ref = _final_params(tmp_path / "ref")
+    step_res, p_res = _final_params(work)
+    assert step_ref == step_res == 8
+    for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_res), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+    # Resuming with a changed model config names the field (before anything is restored or compiled).
+    before = (work / "config.json").read_text()
+    res = _run(shared, work, *common, "--config.model.embed_dim=64", "--config.train.num_steps=10", timeout=120)
+    assert res.returncode == 1
+    assert "Config error: model.embed_dim: the config differs from the one checkpoint step 8" in res.stderr, \
+        res.stderr[-2000:]
+    assert "model.embed_dim: checkpoint 32 vs config 64" in res.stderr and "Traceback" not in res.stderr
+    assert (work / "config.json").read_text() == before  # the refused run did not overwrite the record
+    assert ckpt.latest_step(work / "checkpoints") == 8
+
+    # A second training on a workdir another one holds is refused, naming the holder.
+    from eao_jax.workdir_lock import WorkdirLock  # noqa: PLC0415
+
+    with WorkdirLock(work):
+        res = _run(shared, work, *common, "--config.train.num_steps=10", timeout=120)
+    assert res.returncode == 1
+    assert f"Training refused: workdir {work} is in use by another training (pid {os.getpid()} on host" in res.stderr, \
+        res.stderr[-2000:]
+    assert ckpt.latest_step(work / "checkpoints") == 8
