@@ -80,9 +80,9 @@ def test_beam_prepare_counts_skipped_items_into_the_report(manual, tmp_path):
 
 
 def test_large_split_prepares_without_tensorflow(manual, tmp_path, monkeypatch):
-    from tensorflow_datasets.core import shuffle
-
     import importlib.util
+
+    from tensorflow_datasets.core import shuffle
 
     assert importlib.util.find_spec("tensorflow") is None  # the project never installs TensorFlow
     monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 4096)  # TFDS spills to tf.io.gfile past this

@@ -50,8 +50,8 @@ def _vocabulary(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def write_howto_fixture(root: str, n_videos: int, *, seed: int = 0, seconds: tuple[int, int] = (120, 720),
-                        segments_per_minute: float = 13.0, vocab_size: int = 20000, dims: tuple[int, int] = (2048, 2048),
-                        ) -> dict[str, Any]:
+                        segments_per_minute: float = 13.0, vocab_size: int = 20000,
+                        dims: tuple[int, int] = (2048, 2048)) -> dict[str, Any]:
     """Writes `root/manual` (csv, caption.pickle, features/, audio_features/) and `root/word2vec.bin`.
 
     Features are ReLU-like (about 40 % zeros), spectrograms dB-like (<= 0), both float16 as released;
@@ -144,20 +144,9 @@ def _worker_rss() -> list[int]:
     return out
 
 
-def run(*, data_dir: str, dataset: str = "howto100m", config: str | None = "resnet", workers: int = 0,
-        videos_per_batch: int = 224, clips_per_video: int = 10, batches: int = 4, read_threads: int = 2,
-        prefetch: int = 2, read_buffer: int = 2, seed: int = 0) -> dict[str, float]:
-    """Times `batches` training batches after the first.
-
-    Returns clips_per_s (wall), clips_per_cpu_s (CPU time of this process and its threads; with
-    workers = 0 that is the one worker's), batches_per_s, startup_s, clips_per_batch, rss_bytes
-    (this process, peak sample), worker_rss_bytes (peak per worker process), and with workers = 0
-    bytes_per_clip / records_per_clip read from the dataset.
-    """
+def _config(data_dir, dataset, config, workers, videos_per_batch, clips_per_video, read_threads, prefetch,
+            read_buffer, seed):
     import ml_collections
-
-    from eao_jax.data import pipelines
-    from eao_jax.data.howto_store import HowToStore
 
     c = ml_collections.ConfigDict()
     c.seed = seed
@@ -166,30 +155,63 @@ def run(*, data_dir: str, dataset: str = "howto100m", config: str | None = "resn
         clips_per_video=clips_per_video, n_video_tokens=12, max_words=20, n_stft=768, min_time=8.0,
         text_audio_misaligned=True, num_workers=workers, read_threads=read_threads, prefetch=prefetch,
         read_buffer=read_buffer))
+    return c
+
+
+def one_worker(*, data_dir: str, dataset: str = "howto100m", config: str | None = "resnet",
+               videos_per_batch: int = 224, clips_per_video: int = 10, clips: int = 4480, read_threads: int = 1,
+               read_buffer: int = 2, seed: int = 0) -> dict[str, float]:
+    """What one reader (one grain worker process) produces: the elements it builds, iterated in this
+    process. Returns clips_per_cpu_s (CPU time of all its threads), bytes_per_clip, records_per_clip,
+    rss_bytes (peak sample)."""
+    from eao_jax.data import pipelines
+    from eao_jax.data.howto_store import HowToStore
+
+    c = _config(data_dir, dataset, config, 0, videos_per_batch, clips_per_video, read_threads, 2, read_buffer, seed)
+    it = iter(pipelines.train_dataset(c, process_index=0, process_count=1, elements_only=True))
+    rows = next(it)["video"].shape[0]  # start-up not timed
+    recs0, bytes0 = HowToStore.total_records_read, HowToStore.total_bytes_read
+    cpu0, rss, n = time.process_time(), _rss(), 0
+    while n < clips:
+        n += next(it)["video"].shape[0]
+        rss = max(rss, _rss())
+    cpu = time.process_time() - cpu0
+    del rows
+    return dict(clips_per_cpu_s=n / cpu, bytes_per_clip=(HowToStore.total_bytes_read - bytes0) / n,
+                records_per_clip=(HowToStore.total_records_read - recs0) / n, rss_bytes=rss)
+
+
+def run(*, data_dir: str, dataset: str = "howto100m", config: str | None = "resnet", workers: int = 0,
+        videos_per_batch: int = 224, clips_per_video: int = 10, batches: int = 4, read_threads: int = 2,
+        prefetch: int = 2, read_buffer: int = 2, seed: int = 0) -> dict[str, float]:
+    """Times `batches` training batches (the whole pipeline: readers, worker processes, batch assembly)
+    after the first.
+
+    Returns clips_per_s (wall), clips_per_cpu_s (CPU time of this process and its threads, not of
+    worker processes), batches_per_s, startup_s, clips_per_batch, rss_bytes (this process, peak
+    sample) and worker_rss_bytes (peak of any worker process).
+    """
+    from eao_jax.data import pipelines
+
+    c = _config(data_dir, dataset, config, workers, videos_per_batch, clips_per_video, read_threads, prefetch,
+                read_buffer, seed)
     t0 = time.perf_counter()
     it = pipelines.make_train_iterator(c, process_index=0, process_count=1)
     first = next(it)
     t1, cpu1 = time.perf_counter(), time.process_time()
-    recs0, bytes0 = HowToStore.total_records_read, HowToStore.total_bytes_read
-    rss, wrss = _rss(), [0] * workers
+    rss, wrss = _rss(), 0
     for _ in range(batches):
         next(it)
         rss = max(rss, _rss())
-        w = _worker_rss()
-        wrss = [max(a, b) for a, b in zip(wrss + [0] * (len(w) - len(wrss)), w + [0] * (len(wrss) - len(w)),
-                                          strict=True)]
+        wrss = max([wrss, *_worker_rss()])
     t2, cpu2 = time.perf_counter(), time.process_time()
     if hasattr(it, "close"):
         it.close()  # stops worker processes and frees their shared memory
     rows = first["video"].shape[0]
     clips = rows * batches
-    out = dict(clips_per_s=clips / (t2 - t1), clips_per_cpu_s=clips / max(cpu2 - cpu1, 1e-9),
-               batches_per_s=batches / (t2 - t1), startup_s=t1 - t0, clips_per_batch=rows, rss_bytes=rss,
-               worker_rss_bytes=max(wrss) if wrss else 0)
-    if workers == 0:
-        out.update(bytes_per_clip=(HowToStore.total_bytes_read - bytes0) / clips,
-                   records_per_clip=(HowToStore.total_records_read - recs0) / clips)
-    return out
+    return dict(clips_per_s=clips / (t2 - t1), clips_per_cpu_s=clips / max(cpu2 - cpu1, 1e-9),
+                batches_per_s=batches / (t2 - t1), startup_s=t1 - t0, clips_per_batch=rows, rss_bytes=rss,
+                worker_rss_bytes=wrss)
 
 
 def prepare_throughput(manual: str, out_dir: str, word2vec: str, config: str, workers: int | None,
@@ -233,19 +255,21 @@ def main(argv: list[str]) -> None:
                   f"({p['videos_per_s']:.1f} videos/s)", flush=True)
         size = _dir_bytes(os.path.join(data_dir, "howto100m", cfg))
         result["loader"][layout] = dict(prepared_bytes=size)
-        for workers in [0, *(int(w) for w in FLAGS.workers)]:
+        w1 = one_worker(data_dir=data_dir, config=cfg, videos_per_batch=FLAGS.videos_per_batch,
+                        clips_per_video=FLAGS.clips_per_video, clips=FLAGS.batches * FLAGS.videos_per_batch
+                        * FLAGS.clips_per_video)
+        result["loader"][layout]["one_worker"] = w1
+        print(f"loader {layout} ({size / 2**30:.2f} GiB prepared): one worker {w1['clips_per_cpu_s']:.0f} clips per "
+              f"CPU-second, {w1['bytes_per_clip'] / 1024:.0f} KiB and {w1['records_per_clip']:.2f} records read per "
+              f"clip, RSS {w1['rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        for workers in (int(w) for w in FLAGS.workers):
             r = run(data_dir=data_dir, config=cfg, workers=workers, videos_per_batch=FLAGS.videos_per_batch,
                     clips_per_video=FLAGS.clips_per_video, batches=FLAGS.batches, read_threads=FLAGS.read_threads)
             result["loader"][layout][f"workers={workers}"] = r
-            if workers == 0:
-                print(f"loader {layout} ({size / 2**30:.2f} GiB prepared): one worker {r['clips_per_cpu_s']:.0f} "
-                      f"clips per CPU-second, {r['clips_per_s']:.0f} clips/s, {r['bytes_per_clip'] / 1024:.0f} KiB "
-                      f"and {r['records_per_clip']:.2f} records read per clip, RSS {r['rss_bytes'] / 2**30:.2f} GiB",
-                      flush=True)
-            else:
-                print(f"loader {layout}: {workers} workers {r['clips_per_s']:.0f} clips/s, peak RSS per worker "
-                      f"{r['worker_rss_bytes'] / 2**30:.2f} GiB, main process {r['rss_bytes'] / 2**30:.2f} GiB",
-                      flush=True)
+            what = "in-process threads" if workers == 0 else f"{workers} worker processes"
+            print(f"loader {layout}: {what} {r['clips_per_s']:.0f} clips/s (main process {r['clips_per_cpu_s']:.0f} "
+                  f"clips per CPU-second), peak RSS per worker {r['worker_rss_bytes'] / 2**30:.2f} GiB, main process "
+                  f"{r['rss_bytes'] / 2**30:.2f} GiB", flush=True)
     if FLAGS.prepare_workers:
         out = os.path.join(root, "data_beam")
         p = prepare_throughput(manual, out, w2v, "resnet", FLAGS.prepare_workers, FLAGS.videos_per_shard)
@@ -260,12 +284,13 @@ if __name__ == "__main__":
     flags.DEFINE_string("fixture_dir", None, "where the fixture and its prepared datasets live "
                         "(default: a folder in the temporary directory; reused when it has the same size)")
     flags.DEFINE_integer("videos", 270, "fixture videos (270: about 2 GiB of features)")
-    flags.DEFINE_list("workers", ["2"], "grain worker process counts to measure (besides the in-process worker)")
+    flags.DEFINE_list("workers", ["2"], "grain worker process counts of the whole-pipeline measurements "
+                      "(0: readers as threads of the training process)")
     flags.DEFINE_list("layouts", ["howto_chunks", "howto"], "record layouts to measure")
     flags.DEFINE_integer("prepare_workers", 2, "DirectRunner workers for the Beam prepare (0: skip)")
     flags.DEFINE_integer("videos_per_shard", 32, "videos per shard when preparing the fixture")
     flags.DEFINE_integer("videos_per_batch", 224, "videos per batch")
     flags.DEFINE_integer("clips_per_video", 10, "clips per video")
     flags.DEFINE_integer("batches", 4, "timed batches")
-    flags.DEFINE_integer("read_threads", 2, "grain ReadOptions.num_threads (per worker)")
+    flags.DEFINE_integer("read_threads", 1, "grain ReadOptions.num_threads (per worker)")
     app.run(main)

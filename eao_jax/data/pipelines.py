@@ -13,9 +13,11 @@ Training (HowTo100M and the synthetic `train` split, or fine-tuning on MSR-VTT /
   config), split ("train"), videos_per_batch, clips_per_video, n_video_tokens, max_words, n_stft,
   min_time, text_audio_misaligned, num_workers (0: in-process threads; > 0: grain worker processes,
   whose batches reach the main process through shared memory without a copy), read_threads (threads
-  per process, default 2), read_buffer (batches read ahead per process, default 4), prefetch (batches
-  buffered per worker), video_strategy (fine-tuning only; default "clip"). Fields other than those
-  of configs/howto100m.py are optional.
+  per process, default 2), read_buffer (elements read ahead per reader, default 4), prefetch (elements
+  buffered per worker), worker_videos (HowTo layouts: videos per element a reader builds, a divisor
+  of the process's videos per batch; default the largest up to 16; the main process concatenates
+  the elements of a batch into reused arrays), video_strategy (fine-tuning only; default "clip").
+  Fields other than those of configs/howto100m.py are optional.
   The global batch is videos_per_batch x clips_per_video clips, flattened. Every process walks the
   same shuffled, repeated video order (from config.seed); global batch k is positions
   k*videos_per_batch .. (k+1)*videos_per_batch - 1 of it, and process p reads only its contiguous
@@ -66,6 +68,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -203,10 +206,48 @@ class HowToBatch(grain.transforms.Map):
         return out
 
 
-def _concat_batches(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(parts) == 1:
-        return {k: np.asarray(v) for k, v in parts[0].items()}
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+class BatchBuffers:
+    """Reusable host arrays for assembled batches.
+
+    A paper-size batch is ~0.77 GB; a fresh allocation of that size is mapped from the OS and its
+    first-touch page faults cost more than copying the clips into it. An array is reused once
+    nothing but this pool refers to it any more (the consumer dropped the batch and any transfer of
+    it finished), so a batch a caller still holds is never overwritten.
+    """
+
+    def __init__(self, max_arrays: int = 32):
+        self._arrays: list[np.ndarray] = []
+        self._max = max_arrays
+
+    def get(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        for a in self._arrays:
+            # references: the list, the loop variable and getrefcount's argument
+            if a.shape == shape and a.dtype == dtype and sys.getrefcount(a) <= 3:
+                return a
+        a = np.empty(shape, dtype)
+        if len(self._arrays) < self._max:
+            self._arrays.append(a)
+        return a
+
+
+@dataclasses.dataclass
+class ConcatBatches:
+    """Concatenates the elements of one batch (groups of videos) along the rows, into reused arrays."""
+
+    buffers: BatchBuffers = dataclasses.field(default_factory=BatchBuffers)
+
+    def __call__(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        out = {}
+        for k in parts[0]:
+            first = parts[0][k]
+            rows = sum(p[k].shape[0] for p in parts)
+            dst = self.buffers.get((rows,) + first.shape[1:], first.dtype)
+            np.concatenate([p[k] for p in parts], out=dst)
+            out[k] = dst
+        return out
+
+    def __getstate__(self) -> dict:
+        return {"buffers": BatchBuffers()}
 
 
 def worker_group(local_videos: int, requested: int | None) -> int:
@@ -271,8 +312,12 @@ def _cfg(data, key: str, default):
 
 
 def train_dataset(config, *, process_index: int | None = None, process_count: int | None = None,
-                  seed: int | None = None) -> grain.IterDataset:
-    """The training `IterDataset` (see the module docstring); `make_train_iterator` iterates it."""
+                  seed: int | None = None, elements_only: bool = False) -> grain.IterDataset:
+    """The training `IterDataset` (see the module docstring); `make_train_iterator` iterates it.
+
+    `elements_only`: the elements one reader (a worker process, or the training process with
+    num_workers=0) builds, before worker processes and batch assembly (for the loader benchmark).
+    """
     import jax
 
     data = config.data
@@ -329,9 +374,12 @@ def train_dataset(config, *, process_index: int | None = None, process_count: in
     # Each element (a group of videos, or a whole items batch) is built by one transform, each video
     # with its own generator, so the content does not depend on threads, workers or grouping.
     elements = local.batch(rows, drop_remainder=True, batch_fn=list).map(transform)
+    # read_buffer counts elements: whole batches for item datasets, groups of videos for HowTo.
     read = grain.ReadOptions(num_threads=int(_cfg(data, "read_threads", 2)),
-                             prefetch_buffer_size=int(_cfg(data, "read_buffer", 4)) * (local_videos // group))
+                             prefetch_buffer_size=int(_cfg(data, "read_buffer", 4)))
     it = elements.to_iter_dataset(read)
+    if elements_only:
+        return it
     workers = int(_cfg(data, "num_workers", 0))
     if workers > 0:
         from absl import flags
@@ -341,7 +389,7 @@ def train_dataset(config, *, process_index: int | None = None, process_count: in
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=int(_cfg(data, "prefetch", 2))))
     if layout != "items":
-        it = it.batch(local_videos // group, drop_remainder=True, batch_fn=_concat_batches)
+        it = it.batch(local_videos // group, drop_remainder=True, batch_fn=ConcatBatches())
     return it
 
 
