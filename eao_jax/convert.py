@@ -38,13 +38,14 @@ class ConversionError(ValueError):
 
 def load_torch_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, dict[str, Any]]:
     """Reads a released .pth: returns (state dict without 'module.' prefixes, training config or None,
-    metadata such as epoch/step/arch)."""
+    metadata such as epoch/step/arch).
+
+    Read without torch by `eao_jax.torch_pickle`, which admits only tensors and plain containers: a
+    checkpoint that names anything else is refused, so converting a downloaded file runs no code."""
+    from eao_jax import torch_pickle  # noqa: PLC0415
+
     try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading .pth checkpoints needs torch: pip install 'eao_jax[torch]'") from e
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch_pickle.load(path)
     except FileNotFoundError:
         raise
     except Exception as e:
@@ -59,7 +60,9 @@ def load_torch_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, A
     state = {}
     for k, v in raw.items():
         key = k[len("module."):] if k.startswith("module.") else k
-        state[key] = v.detach().cpu().numpy()
+        if not isinstance(v, np.ndarray):
+            raise ConversionError(f"{path}: state dict entry {k!r} is a {type(v).__name__}, not a tensor")
+        state[key] = v
     return state, (dict(config) if config is not None else None), meta
 
 

@@ -1,22 +1,25 @@
-"""Converter errors: each malformed checkpoint fails with a message naming the problem."""
+"""Converter errors: each malformed checkpoint fails with a message naming the problem. The .pth files
+are read (eao_jax.torch_pickle) and the edited ones written (tests/torch_format.py) without torch; a
+file that names anything but tensors and plain containers is refused without running it."""
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-import torch
+import torch_format
 
-from eao_jax import checkpoint, convert
+from eao_jax import checkpoint, convert, torch_pickle
 
 
 @pytest.fixture(scope="module")
 def original(data_dir):
-    return torch.load(data_dir / "tva_small.pth", map_location="cpu", weights_only=True)
+    return torch_pickle.load(data_dir / "tva_small.pth")
 
 
 def write(tmp_path, ckpt, name="x.pth"):
     path = tmp_path / name
-    torch.save(ckpt, path)
+    torch_format.save(ckpt, path)
     return str(path)
 
 
@@ -30,7 +33,7 @@ def edited(original, edit):
 
 
 def test_unexpected_key_is_named(original, tmp_path):
-    ckpt = edited(original, lambda c: c["state_dict"].__setitem__("module.video_extra.weight", torch.zeros(3)))
+    ckpt = edited(original, lambda c: c["state_dict"].__setitem__("module.video_extra.weight", np.zeros(3, np.float32)))
     with pytest.raises(convert.ConversionError, match="unexpected keys: video_extra.weight"):
         convert.convert(write(tmp_path, ckpt), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -43,7 +46,8 @@ def test_missing_key_is_named(original, tmp_path):
 
 
 def test_shape_mismatch_is_named(original, tmp_path):
-    ckpt = edited(original, lambda c: c["state_dict"].__setitem__("module.text_norm_layer.bias", torch.zeros(7)))
+    bad = np.zeros(7, np.float32)
+    ckpt = edited(original, lambda c: c["state_dict"].__setitem__("module.text_norm_layer.bias", bad))
     with pytest.raises(convert.ConversionError, match=r"text_norm_layer.bias \(7,\)"):
         convert.convert(write(tmp_path, ckpt), str(tmp_path / "out"))
 
@@ -89,3 +93,29 @@ def test_command_line(data_dir, tmp_path):
                           f"--output={out}"], capture_output=True, text=True, check=True)
     assert "embed_dim=32 depth=1 heads=4" in res.stdout
     assert checkpoint.latest_step(out) == 78000
+
+
+@pytest.mark.parametrize("payload", [
+    torch_format.Call(torch_format.Global("os", "system"), "touch PWNED"),  # the classic
+    torch_format.Call(torch_format.Global("builtins", "eval"), "open('PWNED', 'w')"),
+    torch_format.Call(torch_format.Global("torch", "load"), "other.pth"),  # not a tensor rebuild either
+])
+def test_code_in_a_checkpoint_is_refused_not_run(original, tmp_path, monkeypatch, payload):
+    monkeypatch.chdir(tmp_path)
+    ckpt = dict(original)
+    ckpt["monitor_best"] = payload
+    path = write(tmp_path, ckpt)
+    name = f"{payload.func.module}.{payload.func.name}"
+    with pytest.raises(convert.ConversionError, match=rf"refusing to load {name}: only tensors"):
+        convert.convert(path, "out")
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
+
+
+def test_relative_paths(original, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, original, "released.pth")
+    cfg = convert.convert("released.pth", "ckpt/tva")
+    assert checkpoint.latest_step("ckpt/tva") == 78000 and cfg.model.embed_dim == 32
+    assert not list(tmp_path.glob("ckpt/**/*.orbax-checkpoint-tmp*"))  # nothing half-written left behind
+    model, _, step = checkpoint.load_model("ckpt/tva")
+    assert step == 78000 and model.masking_token.shape == (32,)

@@ -1,6 +1,8 @@
-"""Model behaviour: parity with the authors' PyTorch outputs and the invariances the design relies on."""
+"""Model behaviour: parity with the authors' PyTorch outputs and the invariances the design relies on.
+Converting and embedding need no torch: it is made unimportable for this module."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,6 +16,14 @@ from model_utils import random_batch, small_config
 from eao_jax import checkpoint, convert, embed
 from eao_jax.loss import combinatorial_loss
 from eao_jax.model.eao import EverythingAtOnce, l2_normalize
+
+pytestmark = pytest.mark.usefixtures("without_torch")
+
+
+def test_torch_is_not_importable_here():
+    with pytest.raises(ImportError):
+        import torch  # noqa: F401
+
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +84,10 @@ def test_loss_matches_pytorch(model, reference):
 
 def test_embed_command_line(converted, data_dir, tmp_path, reference):
     out = tmp_path / "out.npz"
-    subprocess.run([sys.executable, "-m", "eao_jax.embed", f"--checkpoint={converted}",
-                    f"--input={data_dir / 'tva_small.npz'}", f"--output={out}", "--batch_size=4"], check=True)
+    # Relative paths, as a user types them.
+    subprocess.run([sys.executable, "-m", "eao_jax.embed", f"--checkpoint={os.path.relpath(converted, tmp_path)}",
+                    f"--input={os.path.relpath(data_dir / 'tva_small.npz', tmp_path)}", "--output=out.npz",
+                    "--batch_size=4"], check=True, cwd=tmp_path)
     with np.load(out) as f:
         got = {k: f[k] for k in f.files}
     np.testing.assert_allclose(got["va_embed"], np.asarray(l2_normalize(jnp.asarray(reference["output/va_embed"]))),

@@ -5,7 +5,8 @@ checkpoint layout (`<name>.pth`) and the original's eval-mode outputs on a batch
 partial modalities (`<name>.npz`: `input/*`, `output/*` of forward(data, force_cross_modal=True),
 `loss/*` of its CombinatorialLoss). `variants.json` records what each checkpoint was built with.
 Here every checkpoint is converted, restored and run through `embed`; embeddings must match after
-L2 normalisation within 1e-4, masks exactly.
+L2 normalisation within 1e-4, masks exactly. All without torch (it is made unimportable here): the
+.pth files are read by eao_jax.torch_pickle.
 """
 
 import json
@@ -24,6 +25,8 @@ PARITY = ("minimal", "shared_proj", "cls_token", "pos_emb", "depth0", "depth2", 
           "tv_only", "davenet_v1", "pool_nearest", "pool_max_pool", "pos_max_pool")
 TERMS = ("tv", "ta", "va", "t_va", "v_ta", "a_tv")
 ATOL = 1e-4
+
+pytestmark = pytest.mark.usefixtures("without_torch")
 
 
 @pytest.fixture(scope="module")
