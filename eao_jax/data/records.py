@@ -162,7 +162,12 @@ def half_to_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             return np.asarray(x, np.float32)
         np.copyto(out, x, casting="same_kind")
         return out
-    b = np.left_shift(x.view(np.int16).astype(np.int32), 13)
+    if out is None:
+        out = np.empty(x.shape, np.float32)
+    if out.dtype != np.float32 or out.shape != x.shape or (out.ndim and out.strides[-1] != 4):
+        raise ValueError(f"half_to_float32: out must be float32 {x.shape} with a contiguous last axis")
+    b = out.view(np.int32)  # the bit work happens in the output itself: no temporaries
+    np.copyto(b, x.view(np.int16))  # sign-extending
+    np.left_shift(b, 13, out=b)
     np.bitwise_and(b, _HALF_MASK, out=b)
-    f = b.view(np.float32)
-    return np.multiply(f, _HALF_SCALE, out=f if out is None else out)
+    return np.multiply(out, _HALF_SCALE, out=out)
