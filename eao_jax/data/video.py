@@ -115,10 +115,10 @@ def write_clip_tokens(video: np.ndarray, mask: np.ndarray, rows_2d: np.ndarray |
         return 0
     col = 0
     for r in parts:
-        dst = video[:m, col:col + r.shape[1]]
-        half_to_float32(r[:m], out=dst)
-        norm = np.sqrt(np.einsum("ij,ij->i", dst, dst))
-        dst /= np.maximum(norm, np.float32(1e-12))[:, None]
+        # Convert and take norms in a small contiguous array (cache-resident), then write the output once.
+        x = half_to_float32(r[:m]) if r.dtype == np.float16 else np.asarray(r[:m], np.float32)
+        norm = np.sqrt(np.einsum("ij,ij->i", x, x))
+        np.divide(x, np.maximum(norm, np.float32(1e-12))[:, None], out=video[:m, col:col + r.shape[1]])
         col += r.shape[1]
     mask[:m] = 1.0
     return m
