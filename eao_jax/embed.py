@@ -3,9 +3,21 @@
   python -m eao_jax.embed --checkpoint=DIR --input=IN.npz --output=OUT.npz [--batch_size=256]
 
 IN holds any of `video, video_mask, text, text_mask, audio, audio_mask[, audio_STFT_nframes]`
-(the layout of the reference `input/*` arrays). OUT holds the L2-normalised embeddings of every
-combination whose modalities are all in IN (`text_embed`, ..., `tv_embed`, ..., `t+v_embed`, ...)
-and the `*_nonempty_input_mask` arrays. The model runs in eval mode (BatchNorm running statistics).
+(the layout of the reference `input/*` arrays), B items each:
+  video               (B, Nv, video_dim) float  video features, one row per token (per second)
+  video_mask          (B, Nv)                   1 for real tokens, 0 for padding
+  text                (B, Nt, text_dim)  float  word vectors
+  text_mask           (B, Nt)                   1 for real words
+  audio               (B, n_mels, T)     float  log-mel spectrogram, T STFT frames (any T the original
+                                                runs: each DAVEnet stage maps T to ceil(T / 2))
+  audio_mask          (B, T)                    per STFT FRAME (not per token): 1 for real frames; pooled
+                                                to the tokens with kernel = stride = ceil(T / tokens)
+  audio_STFT_nframes  (B,)               int    real frame count (only the audio pooling strategies use
+                                                it; default -1, unknown)
+An item whose mask is all zero has no such modality. OUT holds the L2-normalised embeddings of every
+combination whose modalities are all in IN (`text_embed`, ..., `tv_embed`, ..., `t+v_embed`, ...),
+(B, projection_dim) each, and the `*_nonempty_input_mask` arrays (B,). The model runs in eval mode
+(BatchNorm running statistics).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from absl import app, flags
 from flax import nnx
 
 from eao_jax import checkpoint
+from eao_jax.model.audio import check_audio_length
 from eao_jax.model.eao import SHORT, EverythingAtOnce, l2_normalize
 
 
@@ -38,9 +51,10 @@ def _check_inputs(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray]) -> 
         if m == "audio":
             if x.shape[1] != model.davenet.n_mels:
                 raise ValueError(f"input 'audio' must be (B, {model.davenet.n_mels}, T), got {x.shape}")
-            if x.shape[2] % model.davenet.downsample:
-                raise ValueError(f"input 'audio' length {x.shape[2]} is not a multiple of "
-                                 f"{model.davenet.downsample} STFT frames (one audio token)")
+            try:  # any length the original runs (not only multiples of model.davenet.downsample)
+                check_audio_length(x.shape[2], len(model.davenet.stages))
+            except ValueError as e:
+                raise ValueError(f"input 'audio': {e}") from None
             want_mask = (x.shape[0], x.shape[2])
         else:
             if x.shape[2] != want_dim[m]:

@@ -110,7 +110,7 @@ def test_embed_subset_of_modalities(model, reference):
     (lambda b: b.update(video=b["video"][..., :20]), "feature dimension 20"),
     (lambda b: b.update(text_mask=b["text_mask"][:, :3]), "text_mask"),
     (lambda b: b["video"].__setitem__((0, 0, 0), np.nan), "'video' contains NaN"),
-    (lambda b: b.update(audio=b["audio"][:, :, :100], audio_mask=b["audio_mask"][:, :100]), "multiple of 64"),
+    (lambda b: b.update(audio=b["audio"][:, :, :130], audio_mask=b["audio_mask"][:, :130]), "130 STFT frames gives 3"),
     (lambda b: b.pop("video_mask"), "no 'video_mask'"),
 ])
 def test_embed_rejects_bad_input(model, reference, bad, message):
@@ -223,3 +223,37 @@ def test_batchnorm_train_mode_updates_running_stats():
     o1, o2 = fwd(model, batch), fwd(model, batch)
     np.testing.assert_array_equal(o1, o2)
     np.testing.assert_array_equal(np.asarray(model.davenet.stem_bn.mean[...]), after)
+
+
+def test_embed_any_audio_length_matches_pytorch(model, data_dir):
+    """200 STFT frames (not a multiple of 64): DAVEnet gives 200 -> 100 -> 50 -> 25 -> 13 -> 7 -> 4 tokens,
+    the frame mask is max-pooled by ceil(200 / 4) = 50, as in the original.
+
+    tests/data/tva_small_audio200.npz was made with the authors' code (github.com/ninatu/everything_at_once
+    at 4daeab6, model/fusion_model.py + model/utils/*, run from a copy outside this repository, timm 0.4.12,
+    torch 2.13.0 CPU, torchvision and librosa stubbed as for tests/data/variants) on tva_small.pth, its
+    shrunk DAVEnet rebuilt as for that fixture (ResDavenet, blocks [2,2,1,1,1,1], widths from
+    tva_small.json, audio_token_proj rebuilt for the last width; that rebuilt model reproduces
+    tva_small.npz to 2e-7). Inputs: tva_small.npz's video and text; audio N(0, 1) rounded to 1/4 (seed
+    200) of 200, 150, 0, 120, 37, 200 real frames, zero beyond, with those frame masks and
+    audio_STFT_nframes; outputs `model(data, force_cross_modal=True)` in eval mode, not normalised."""
+    with np.load(data_dir / "tva_small_audio200.npz") as f:
+        ref = {k: f[k] for k in f.files}
+    inputs = {k.split("/", 1)[1]: v for k, v in ref.items() if k.startswith("input/")}
+    assert inputs["audio"].shape[-1] == inputs["audio_mask"].shape[-1] == 200
+    out = embed.embed(model, inputs)
+    names = [k.split("/", 1)[1] for k in ref if k.startswith("output/")]
+    assert len(names) == 12
+    for name in names:
+        want = ref[f"output/{name}"]
+        if name.endswith("_mask"):
+            np.testing.assert_array_equal(out[name], want.astype(bool), err_msg=name)
+        else:
+            np.testing.assert_allclose(out[name], np.asarray(l2_normalize(jnp.asarray(want))), atol=1e-4,
+                                       err_msg=name)
+    # Lengths the original cannot run either (its pooled mask is shorter than the tokens) are refused
+    # with the reason and a length that works.
+    short = {k: (v[..., :130] if k.startswith("audio") and k != "audio_STFT_nframes" else v)
+             for k, v in inputs.items()}
+    with pytest.raises(ValueError, match=r"130 STFT frames gives 3 DAVEnet tokens but a mask of 2.*e\.g\., 132"):
+        embed.embed(model, short)

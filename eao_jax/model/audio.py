@@ -3,7 +3,10 @@
 The original treats the (40, T) log-mel spectrogram as a 1-channel image: a (40 x 1) stem conv
 collapses the mel axis, then every conv is (1 x k) along time. Here that is written directly as
 1-D convolutions over time on (B, T, C): the stem is a bias-free dense map over the 40 mel bins.
-Layouts: v2 (paper) 6 stages [2,2,1,1,1,1] -> T/64; v1 4 stages [2,2,2,2] -> T/16.
+Layouts: v2 (paper) 6 stages [2,2,1,1,1,1] -> T/64; v1 4 stages [2,2,2,2] -> T/16. Any length T
+works where the original's does: each stride-2 stage (kernel 9, padding 4) maps L to ceil(L / 2), and
+the frame mask is max-pooled to the tokens with kernel = stride = ceil(T / tokens) (see
+`audio_token_count`, `downsample_audio_mask`).
 """
 
 from __future__ import annotations
@@ -112,8 +115,33 @@ class BasicBlock(nnx.Module):
         return jax.nn.relu(out + residual)
 
 
+def audio_token_count(n_frames: int, n_stages: int) -> int:
+    """DAVEnet tokens for `n_frames` STFT frames: each stride-2 stage maps L to ceil(L / 2)."""
+    n = int(n_frames)
+    for _ in range(n_stages):
+        n = -(-n // 2)
+    return n
+
+
+def check_audio_length(n_frames: int, n_stages: int) -> None:
+    """Raises ValueError for lengths the original cannot run either: its frame mask, max-pooled with
+    kernel = stride = ceil(T / tokens), then has fewer entries than DAVEnet has tokens (for example
+    130 frames: 3 tokens, a 2-entry mask; the original fails in its attention with a shape error)."""
+    n = audio_token_count(n_frames, n_stages)
+    coef = -(-int(n_frames) // n)
+    if int(n_frames) // coef != n:
+        ok = next(t for t in range(int(n_frames), int(n_frames) + 2 ** n_stages + 1)
+                  if t // -(-t // audio_token_count(t, n_stages)) == audio_token_count(t, n_stages))
+        raise ValueError(
+            f"audio of {n_frames} STFT frames gives {n} DAVEnet tokens but a mask of {int(n_frames) // coef} "
+            f"(max-pooled by ceil({n_frames} / {n}) = {coef} frames, as the original, which fails on this "
+            f"length too); pad the audio and audio_mask with zeros to, e.g., {ok} frames (any multiple of "
+            f"{2 ** n_stages} works)")
+
+
 class DAVEnet(nnx.Module):
-    """(B, n_mels, T) log-mel -> (B, T / 2**len(blocks), widths[-1]) audio tokens."""
+    """(B, n_mels, T) log-mel -> (B, audio_token_count(T, len(blocks)), widths[-1]) audio tokens
+    (T / 2**len(blocks) when T is a multiple of it)."""
 
     def __init__(self, *, n_mels: int, blocks: Sequence[int], widths: Sequence[int], kernel: int,
                  bn_momentum: float, bn_eps: float, rngs: nnx.Rngs, dtype, remat: bool = False):
@@ -157,10 +185,15 @@ class DAVEnet(nnx.Module):
 
 def downsample_audio_mask(frame_mask: jax.Array, n_tokens: int) -> jax.Array:
     """(B, T) frame mask -> (B, T // coef) token mask, coef = ceil(T / n_tokens): a token is valid when
-    any of its frames is (max-pooling with kernel = stride = coef, as the original)."""
+    any of its frames is (max-pooling with kernel = stride = coef, as the original; trailing frames that
+    fill no window are dropped, as its max_pool1d does). Raises ValueError when that leaves fewer mask
+    entries than tokens (the original fails there too, see `check_audio_length`)."""
     b, t = frame_mask.shape
     coef = -(-t // n_tokens)
     n_out = t // coef
+    if n_out != n_tokens:
+        raise ValueError(f"an audio mask of {t} frames pools to {n_out} entries for {n_tokens} audio tokens "
+                         "(the original fails on such lengths too)")
     return frame_mask[:, : n_out * coef].reshape(b, n_out, coef).max(-1)
 
 

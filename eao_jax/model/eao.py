@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from eao_jax.model.audio import DAVEnet, downsample_audio_mask, pool_audio_tokens
+from eao_jax.model.audio import DAVEnet, check_audio_length, downsample_audio_mask, pool_audio_tokens
 from eao_jax.model.fusion import FusionTransformer
 from eao_jax.model.layers import Projection, layer_norm, vit_normal
 
@@ -142,7 +142,8 @@ class EverythingAtOnce(nnx.Module):
             x = jnp.asarray(batch[m])
             mask = jnp.asarray(batch[f"{m}_mask"]) > 0
             if m == "audio":
-                x = self.davenet(x.astype(self.dtype))  # (B, T/ds, C)
+                check_audio_length(x.shape[-1], len(self.davenet.stages))  # any T the original runs
+                x = self.davenet(x.astype(self.dtype))  # (B, ceil-halved T per stage, C)
                 mask = downsample_audio_mask(mask, x.shape[1])
                 if self.audio_pooling != "none":
                     coef = -(-batch["audio_mask"].shape[1] // x.shape[1])
