@@ -203,3 +203,14 @@ def test_conv1d_gradients_match_xla_convolution(t, cin, cout, stride, kernel):
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
     # The reversed form itself, whichever path the size heuristic picked above.
     np.testing.assert_allclose(audio._reversed_input_grad(w, dy, t, stride), ref_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_config_derives_steps_per_epoch_as_training_does():
+    """`bench --config=configs/demo.py` (train.steps_per_epoch=-1) resolves the epoch length as training
+    does, without preparing the data: 400 synthetic training videos // 16 per batch."""
+    spec = importlib.util.spec_from_file_location("demo_cfg", pathlib.Path(__file__).parents[1] / "configs" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.get_config().train.steps_per_epoch == -1
+    assert bench._prepare(demo.get_config()).train.steps_per_epoch == 25
+    assert bench._prepare(demo.get_config("tiny")).train.steps_per_epoch == 12  # set explicitly: kept
