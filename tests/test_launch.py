@@ -25,9 +25,17 @@ BASH = shutil.which("bash")
 TPU_ENV = {
     "TPU_NAME": "eao-pod", "ZONE": "us-central2-b", "PROJECT": "my-proj", "ACCELERATOR_TYPE": "v4-32",
     "RUNTIME_VERSION": "tpu-ubuntu2204-base", "CONFIG": "configs/howto100m.py:tiny",
-    "WORKDIR": "gs://bucket/eao", "EVAL_TASK": "youcook", "CHECKPOINT": "gs://bucket/eao/checkpoints",
+    "WORKDIR": "gs://bucket/eao", "EVAL_TASK": "youcook2", "CHECKPOINT": "gs://bucket/eao",
 }
 LOCATION = ["--zone=us-central2-b", "--project=my-proj"]
+
+
+def assert_evaluate_accepts(args: list[str]) -> None:
+    """The launchers' evaluate arguments are flags `eao_jax.evaluate` defines, with values it accepts
+    (absl parses every flag, the --task enum included, before it answers --helpshort)."""
+    proc = subprocess.run([sys.executable, "-m", "eao_jax.evaluate", *args, "--helpshort"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert "Flags parsing error" not in proc.stderr and "Try --helpfull" in proc.stdout, proc.stderr[-2000:]
 
 
 def _write_exe(path: pathlib.Path, text: str) -> pathlib.Path:
@@ -186,8 +194,9 @@ def test_eval_runs_evaluate_on_all_workers(sandbox):
     assert ssh[:len(ssh_prefix())] == ssh_prefix()
     tokens = words(remote_command(ssh))
     i = tokens.index("-m")
-    assert tokens[i + 1:i + 6] == ["eao_jax.evaluate", "--task=youcook", "--checkpoint=gs://bucket/eao/checkpoints",
+    assert tokens[i + 1:i + 6] == ["eao_jax.evaluate", "--task=youcook2", "--checkpoint=gs://bucket/eao",
                                   "--output=gs://bucket/results.json", "--data_dir=gs://bucket/tfds"]
+    assert_evaluate_accepts(tokens[i + 2:])
     (ssh,) = commands(run(TPU, ["--task=msrvtt", "--checkpoint=gs://c", "eval"], TPU_ENV, tmp, bin_dir))
     assert "--task=msrvtt" in words(remote_command(ssh))
 
@@ -347,6 +356,7 @@ def test_slurm_one_process_per_gpu_eval(slurm_bin):
     assert srun == ["srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--kill-on-bad-exit=1",
                     f"{env['VENV']}/bin/python", "-m", "eao_jax.evaluate", "--task=msrvtt",
                     "--checkpoint=/shared/eao/checkpoints", "--output=/shared/r.json"]
+    assert_evaluate_accepts(srun[srun.index("eao_jax.evaluate") + 1:])
 
 
 @pytest.mark.parametrize(
