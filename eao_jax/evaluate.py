@@ -21,7 +21,7 @@ Long-video strategies (retrieval), token counts per task:
                   nearest-resampled to 12 inside the model (model.audio_pooling='nearest')
   max_pool        the same with max pooling (model.audio_pooling='max_pool')
   clips_average   cut into consecutive 12-token / 768-frame clips (4 for msrvtt and synthetic, 6 for youcook2),
-                  embed each, average the raw embeddings per item (clips with <= 70 % real audio dropped)
+                  embed each, average the raw embeddings per item (clips with at most 70 percent real audio dropped)
 
 The checkpoint is restored read-only, the model runs in eval mode (BatchNorm running statistics),
 replicated, with each batch sharded over a 1-D `data` mesh of all devices. Under jax.distributed every
