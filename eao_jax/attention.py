@@ -250,4 +250,6 @@ if __name__ == "__main__":
     flags.DEFINE_enum("strategy", "at_once", ["at_once", "clip", "nearest", "max_pool"], "Input lengths.")
     flags.DEFINE_string("groups", None, "Modalities attending to each other, e.g. 'tva' (default) or 'tv,a'.")
     flags.DEFINE_string("tfds_config", None, "Builder config of the dataset (default: the prepared default).")
-    app.run(main)
+    from eao_jax import console  # noqa: PLC0415
+
+    app.run(console.report_errors("attention")(main))

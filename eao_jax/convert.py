@@ -345,4 +345,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("torch_checkpoint", None, "Released PyTorch checkpoint (.pth).", required=True)
     flags.DEFINE_string("output", None, "Output Orbax checkpoint directory.", required=True)
     flags.DEFINE_integer("num_heads", None, "Attention heads, when the checkpoint has no saved config.")
-    app.run(main)
+    from eao_jax import console  # noqa: PLC0415
+
+    app.run(console.report_errors("convert")(main))

@@ -69,8 +69,13 @@ def _check_inputs(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray]) -> 
             raise ValueError(f"input '{m}' has {x.shape[0]} items, other modalities have {n}")
         n = x.shape[0]
         arrays[m], arrays[f"{m}_mask"] = x, mask
+    if n == 0:
+        raise ValueError(f"input holds 0 items (the leading dimension of {', '.join(repr(m) for m in present)})")
     if "audio" in present:
         nframes = inputs.get("audio_STFT_nframes")
+        if nframes is not None and np.size(nframes) != n:
+            raise ValueError(f"input 'audio_STFT_nframes' has {np.size(nframes)} values (shape "
+                             f"{np.shape(nframes)}), expected one per item ({n})")
         arrays["audio_STFT_nframes"] = (np.full((n,), -1, np.int32) if nframes is None
                                         else np.asarray(nframes, np.int32).reshape(n))
     # Absent modalities get one empty token so the forward runs; their outputs are dropped.
@@ -154,4 +159,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("output", None, "Output .npz for the embeddings.", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     flags.DEFINE_integer("batch_size", 256, "Items per forward pass.")
-    app.run(main)
+    from eao_jax import console  # noqa: PLC0415
+
+    app.run(console.report_errors("embed")(main))

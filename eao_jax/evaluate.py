@@ -664,4 +664,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from eao_jax import console  # noqa: PLC0415
+
+    app.run(console.report_errors("evaluate")(main))

@@ -172,7 +172,7 @@ def main(argv: list[str]) -> None:
                           feature_dims=_parse_dims(FLAGS.feature_dims), progress=True,
                           beam_options=FLAGS.beam_pipeline_options, workers=FLAGS.workers,
                           videos_per_shard=FLAGS.videos_per_shard, chunk_seconds=FLAGS.chunk_seconds)
-    except (PrepareError, FileNotFoundError, ValueError) as e:
+    except (PrepareError, FileNotFoundError, ValueError, ModuleNotFoundError) as e:
         print(f"prepare failed: {e}", file=sys.stderr)
         sys.exit(1)
     print(format_summary(summary))

@@ -20,12 +20,23 @@ from typing import Any
 
 def pipeline_options(spec: str | Any) -> Any:
     """Beam PipelineOptions from 'key=value,key=value' (as TFDS's --beam_pipeline_options) or as given."""
+    _require_beam()
     from apache_beam.options.pipeline_options import PipelineOptions
 
     if not isinstance(spec, str):
         return spec
     flags = [f"--{kv.strip()}" for kv in spec.split(",") if kv.strip()]
     return PipelineOptions(flags)
+
+
+def _require_beam() -> None:
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("apache_beam") is None:
+        raise ModuleNotFoundError('preparing on Apache Beam (--workers / --beam_pipeline_options) needs the beam '
+                                  'extra: pip install -e ".[beam]"')
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # its INFO lines drown the progress
 
 
 def local_options(workers: int) -> Any:
@@ -47,10 +58,9 @@ def _run_counted(task):
 
 def run(tasks: list, options: Any) -> None:
     """Runs `tasks` (shards.ShardTask) on Beam with `options` (PipelineOptions or 'k=v,...')."""
-    try:
-        import apache_beam as beam
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError('Beam pipeline options need Apache Beam: pip install -e ".[beam]"') from None
+    _require_beam()
+    import apache_beam as beam
+
     with beam.Pipeline(options=pipeline_options(options)) as p:
         _ = (p | "ShardTasks" >> beam.Create(tasks) | "Distribute" >> beam.Reshuffle()
              | "PrepareShard" >> beam.Map(_run_counted))
