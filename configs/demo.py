@@ -2,11 +2,11 @@
 
   python -m eao_jax.main --config=configs/demo.py --workdir=/tmp/eao_demo
 
-The synthetic dataset (DESIGN decision 8) is prepared automatically into WORKDIR/data (or
---config.data.data_dir) on first use. The run trains the TVA model with the paper's combinatorial
-loss on 16 videos x 4 clips per step, then evaluates zero-shot text-to-video retrieval on the
-synthetic `retrieval` split (500 clips, chance R@10 = 2 %), writes WORKDIR/results/synthetic.json
-and prints the table.
+The synthetic dataset (learnable: a shared latent per clip seen through noisy per-modality
+projections) is prepared automatically into WORKDIR/data (or --config.data.data_dir) on first use.
+The run trains the TVA model with the paper's combinatorial loss on 16 videos x 4 clips per step,
+then evaluates zero-shot text-to-video retrieval on the synthetic `retrieval` split (500 clips,
+chance R@10 = 2 %), writes WORKDIR/results/synthetic.json and prints the table.
 
 `configs/demo.py:tiny` is the same on the tiny synthetic config and a toy model (tests; seconds).
 """

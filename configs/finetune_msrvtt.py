@@ -1,4 +1,4 @@
-"""Fine-tuning on MSR-VTT (the paper's fine-tuned MSR-VTT results; REFERENCE_FACTS §2.8).
+"""Fine-tuning on MSR-VTT (the paper's fine-tuned MSR-VTT results).
 
 The released `configs/finetuning/finetune_msrvtt.yaml`: the pre-trained model, Adam lr 5e-5 decayed
 x0.9 per epoch, 25 epochs, batch 128 training items of `msrvtt_train.pkl` (a random caption per

@@ -1,4 +1,4 @@
-"""Fine-tuning on YouCook2 (the paper's fine-tuned YouCook2 results; REFERENCE_FACTS §2.8).
+"""Fine-tuning on YouCook2 (the paper's fine-tuned YouCook2 results).
 
 The released `configs/finetuning/finetune_youcook.yaml`: the pre-trained model, Adam lr 1e-5 decayed
 x0.9 per epoch, 5 epochs, batch 256 clips of `youcook_train.pkl`, 72 video tokens / 4608 STFT frames

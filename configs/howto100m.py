@@ -1,7 +1,7 @@
 """The paper's model and HowTo100M pre-training (Everything at Once, CVPR 2022, main TVA model).
 
 Numbers come from the authors' released `configs/pretraining/everything_at_once_tva.yaml` and the
-training code (see REFERENCE_FACTS §2). Variants are config overrides or files under configs/ablations.
+training code. Variants are config overrides or files under configs/ablations.
 
   python -m eao_jax.main --config=configs/howto100m.py --workdir=gs://bucket/eao
 """
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = True
     c.loss = loss_config()
 
-    # Data: HowTo100M training clips (REFERENCE_FACTS §2.9).
+    # Data: HowTo100M training clips, 8 s windows sampled as the original does.
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "howto100m"
     c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir written by `python -m eao_jax.prepare`
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_workers = 8
     c.data.prefetch = 2
 
-    # Optimisation (REFERENCE_FACTS §2.8): Adam 5e-5, x0.9 per epoch, 15 epochs, no wd/warm-up/clip.
+    # Optimisation: Adam 5e-5, x0.9 per epoch, 15 epochs, no wd/warm-up/clip.
     c.train = ml_collections.ConfigDict()
     c.train.lr = 5e-5
     c.train.b1 = 0.9

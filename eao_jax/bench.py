@@ -49,7 +49,7 @@ import sys
 
 
 def _request_host_devices(argv: list[str]) -> None:
-    """Handles --devices=N before JAX initialises (JAX_NOTES P15)."""
+    """Handles --devices=N before JAX initialises (the CPU device count is fixed once the backend is up)."""
     n = None
     for i, a in enumerate(argv):
         if a.startswith("--devices="):

@@ -312,7 +312,7 @@ def wait_for_saves(mngr: ocp.CheckpointManager) -> None:
 def restore_training(mngr: ocp.CheckpointManager, step: int, *, model_target: dict, opt_target: dict,
                      with_data: bool = True) -> tuple[dict, dict, IteratorSnapshot | None]:
     """Restores (model_vars, opt_vars, data snapshot) of `step` onto the targets (pure dicts of
-    ShapeDtypeStructs carrying concrete NamedShardings, JAX_NOTES P3).
+    ShapeDtypeStructs carrying concrete NamedShardings: Orbax cannot restore onto an AbstractMesh).
 
     The data snapshot is None when `with_data` is False or the step has no `data` item. A step
     written by a different number of processes restores the data position they agreed on (see the

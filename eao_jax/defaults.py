@@ -1,7 +1,7 @@
 """Defaults of the paper's architecture and loss (the main TVA model of Everything at Once).
 
 Numbers come from the authors' released `configs/pretraining/everything_at_once_tva.yaml` and the
-model code (REFERENCE_FACTS §2). They live in the package so that tools which build a model without
+model code. They live in the package so that tools which build a model without
 a config file (the checkpoint converter) start from the same values as `configs/howto100m.py`.
 """
 

@@ -5,7 +5,7 @@ r"""Zero-shot evaluation: text-video retrieval and step localisation from an Orb
       [--batch_size=16] [--tfds_config=resnet|s3d|clip|tiny|default] \
       [--loc_embedding=v+a|va] [--decoder=dp|argmax|argmax_step|argmax_frame] [--convention=per_video|pooled]
 
-Tasks (REFERENCE_FACTS §2.10, §3):
+Tasks:
   msrvtt, youcook2, synthetic    retrieval on MSR-VTT `test`, YouCook2 `val`, the synthetic `retrieval` split;
                                  all 18 directions the model's modalities allow, R@k over the complete split
                                  (MSR-VTT 1000, YouCook2 3350: items the release lacks count as misses)
@@ -26,7 +26,7 @@ Long-video strategies (retrieval), token counts per task:
 The checkpoint is restored read-only, the model runs in eval mode (BatchNorm running statistics),
 replicated, with each batch sharded over a 1-D `data` mesh of all devices. Under jax.distributed every
 process embeds its share of the items; embeddings are gathered across processes before the metrics.
-Process 0 prints the table and writes RESULTS.json (DESIGN "Interfaces" schema) and, for retrieval,
+Process 0 prints the table and writes RESULTS.json (schema: eao_jax/evaluation/report.py) and, for retrieval,
 RESULTS.png (recall@K of t2v, t2va, t2v+a).
 
 Python API (also what training calls after each evaluation interval):
@@ -308,7 +308,7 @@ def evaluate_retrieval(model: EverythingAtOnce, task: str, *, data_dir: str | os
                        mesh: jax.sharding.Mesh | None = None, max_words: int = 20,
                        checkpoint: str | None = None, step: int | None = None,
                        return_ranks: bool = False) -> dict[str, Any]:
-    """Retrieval results (DESIGN schema plus `settings`) of `model` on a retrieval task.
+    """Retrieval results (the RESULTS.json dict, plus `settings`) of `model` on a retrieval task.
 
     With `return_ranks`, the result also holds `_ranks` {direction: (N,) ranks} (not JSON: popped by
     the writers) for the recall@K plot.

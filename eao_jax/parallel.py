@@ -1,7 +1,7 @@
 """Device mesh, sharding rules and global batches.
 
-The mesh has two named axes, ``("data", "model")``, both of `AxisType.Auto` (JAX_NOTES P1:
-`jax.make_mesh` would default to Explicit, under which the global-batch NCE `a @ b.T` does not
+The mesh has two named axes, ``("data", "model")``, both of `AxisType.Auto`
+(`jax.make_mesh` would default to Explicit, under which the global-batch NCE `a @ b.T` does not
 type-check). The batch is split over ``data``; the combinatorial loss is written on the *global*
 batch and GSPMD inserts the collectives, so a sharded step computes the same numbers as a
 single-device step.
@@ -102,8 +102,8 @@ def param_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh, *, fsdp: bool, f
 
 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, mesh_cfg: ml_collections.ConfigDict) -> Any:
-    """NamedShardings (concrete mesh, JAX_NOTES P3) for every leaf of an abstract pytree of arrays
-    or ShapeDtypeStructs (nnx.State or pure dicts)."""
+    """NamedShardings (concrete mesh: Orbax cannot restore onto an AbstractMesh) for every leaf of an
+    abstract pytree of arrays or ShapeDtypeStructs (nnx.State or pure dicts)."""
     fsdp = bool(mesh_cfg.get("fsdp", False))
     min_size = int(mesh_cfg.get("fsdp_min_size", 2**18))
 

@@ -4,10 +4,10 @@ State representation (one choice, used everywhere): a `TrainState` NNX module ho
 and its `nnx.Optimizer`, split once into a static `graphdef` and an `nnx.State` pytree
 `{"model": Params + BatchStats, "opt": {"step", "opt_state"}}`. The jitted step is a pure
 function `(state, batch) -> (state, metrics)` that merges, differentiates with
-`nnx.value_and_grad` (JAX_NOTES P5), updates with `nnx.Optimizer.update(model, grads)` (P6) and
-splits again; the state argument is donated. Checkpoints store `nnx.to_pure_dict` of the two
-halves as the `model` and `opt` items (checkpoint.py), so `model` has exactly the layout of a
-converted checkpoint.
+`nnx.value_and_grad` (Params only; `jax.value_and_grad` fails on the RNG state), updates with
+`nnx.Optimizer.update(model, grads)` and splits again; the state argument is donated. Checkpoints
+store `nnx.to_pure_dict` of the two halves as the `model` and `opt` items (checkpoint.py), so
+`model` has exactly the layout of a converted checkpoint.
 
 Loop sections (`train_and_evaluate`): setup -> mesh -> data -> abstract init + shardings ->
 restore / init_from / sharded init -> compile -> loop (async dispatch; metrics fetched every
@@ -140,7 +140,8 @@ def _pure(state: nnx.State) -> dict:
 
 
 def _targets(abstract: nnx.State, shardings: nnx.State) -> dict:
-    """Pure-dict restore targets (ShapeDtypeStructs with concrete NamedShardings, JAX_NOTES P3)."""
+    """Pure-dict restore targets (ShapeDtypeStructs with concrete NamedShardings: Orbax cannot restore
+    onto an AbstractMesh)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         _pure(abstract), _pure(shardings))
 
@@ -411,7 +412,7 @@ def run_evaluations(model: EverythingAtOnce, config: ml_collections.ConfigDict, 
     """Zero-shot evaluation of `model` (eval mode) on `config.eval.tasks` (default).
 
     Writes WORKDIR/results/<task>.json (final) or WORKDIR/results/step_<step>/<task>.json
-    (periodic), DESIGN "Interfaces" schema, plus the evaluator's recall@K plot, and returns
+    (periodic), the schema of eao_jax/evaluation/report.py, plus the evaluator's recall@K plot, and returns
     {task: results}. Runs on every process (the evaluation is collective); process 0 writes.
     Uses `eao_jax.evaluate.evaluate_model` with the settings of `config.eval`.
     """

@@ -245,7 +245,7 @@ def test_localization_builders(tmp_path, name, mining):
         assert v["steps"] == ref["steps"] and v["task"] == ("" if mining else ref["task"])
         assert v["video"].shape == (t, 12, 11) and v["audio"].shape == (t, 40, 768)
         # window i crops frames [max(0, frame(i)), frame(i + 1)): 98 for i = 0, 100 after; the mask keeps
-        # the window's own frames [max(0, frame(0)), frame(1)) = 98 frames (REFERENCE_FACTS §3.2)
+        # the window's own frames [max(0, frame(0)), frame(1)) = 98 frames
         assert v["audio_STFT_nframes"][0] == 98 and (v["audio_STFT_nframes"][1:] == 100).all()
         np.testing.assert_array_equal(v["audio"][0, :, :98], ref["spec"][:, :98])
         np.testing.assert_array_equal(v["audio"][3, :, :100], ref["spec"][:, 298:398])

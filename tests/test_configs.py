@@ -26,7 +26,7 @@ W_MAIN = dict(tv=1.0, ta=0.1, va=0.1, t_va=0.1, v_ta=0.1, a_tv=0.1)
 W_EQUAL = dict(tv=1.0, ta=1.0, va=1.0, t_va=1.0, v_ta=1.0, a_tv=1.0)
 W_PAIRS = dict(tv=1.0, ta=0.1, va=0.1, t_va=0.0, v_ta=0.0, a_tv=0.0)
 
-# The released yaml values each config must carry (REFERENCE_FACTS §2.8, §4.3; the original's configs).
+# The released yaml values each config must carry (the original's configs).
 EXPECTED = {
     "howto100m.py": {"model.depth": 1, "model.num_heads": 64, "model.embed_dim": 4096, "loss.weights": W_MAIN,
                      "data.videos_per_batch": 224, "data.clips_per_video": 10, "data.text_audio_misaligned": True},

@@ -1,4 +1,4 @@
-"""Shared builder for the step-localisation datasets CrossTask and Mining YouTube (REFERENCE_FACTS §1.4).
+"""Shared builder for the step-localisation datasets CrossTask and Mining YouTube.
 
 Manual directory (every location overridable with `paths=`):
   videos.csv                    columns `video_id` (and `task` for CrossTask); option `csv`

@@ -1,4 +1,4 @@
-"""Shared builder for the released MSR-VTT / YouCook2 pickles (REFERENCE_FACTS §1.1, §1.2).
+"""Shared builder for the released MSR-VTT / YouCook2 pickles.
 
 A released pickle is a list of dicts, one per clip. The ResNet pickle (`resnet/<file>`) holds `id`,
 captions, `audio` (a (40, T) torch tensor) and the ResNet/ResNeXt features; the S3D and CLIP pickles

@@ -1,7 +1,7 @@
 """Four fusion blocks, 16 heads, width 1024 (fusion transformer ablation; released
 ablation/fusion_transformer/2blocks_16heads_1024hiden.yaml).
 
-The released file is named "2blocks" but sets depth 4 (REFERENCE_FACTS §2.10); this config follows
+The released file is named "2blocks" but sets depth 4; this config follows
 the values the authors trained with, i.e. depth 4.
 """
 

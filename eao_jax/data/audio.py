@@ -3,7 +3,7 @@
 Spectrograms are (40, T) at 100 frames/s (librosa, sr 16000, hop 160, n_fft 400). The original maps
 seconds to frames with librosa's `time_to_frames`, i.e. `(int(t * 16000) - 200) // 160` (it can be
 negative and is clamped to 0 where it starts a crop), and frames to seconds with
-`frames_to_time`, i.e. `(n * 160 + 200) / 16000` (REFERENCE_FACTS §1.3).
+`frames_to_time`, i.e. `(n * 160 + 200) / 16000`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def pad(mel: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray, int]:
 
 def cut_into_clips(video: np.ndarray, video_mask: np.ndarray, audio: np.ndarray, audio_mask: np.ndarray,
                    nframes: int, n_clips: int) -> dict[str, np.ndarray]:
-    """Cuts one long input into `n_clips` consecutive clips ("cut into clips and average", §2.10).
+    """Cuts one long input into `n_clips` consecutive clips (the "cut into clips and average" strategy).
 
     Args:
       video: (n_clips * Nv, Dv), video_mask: (n_clips * Nv,), audio: (40, n_clips * Ta),

@@ -1,4 +1,4 @@
-"""HowTo100M training clips (REFERENCE_FACTS §2.9).
+"""HowTo100M training clips, sampled as the original's HowTo100M loader samples them.
 
 Per clip: an 8 s window is drawn uniformly inside the video; the ASR segment covering its start (or
 else its end) is grown with its nearest neighbours until it spans `min_time` seconds; the clip's
@@ -290,7 +290,7 @@ def fill_clips(out: dict[str, np.ndarray], row0: int, caption: Mapping[str, Sequ
 
 def sample_clip(caption: Mapping[str, Sequence] | Caption, mel_spec: np.ndarray, features_2d, features_3d,
                 rng: np.random.Generator, table: WordTable, **kw) -> dict:
-    """One random training clip of a video (a uniformly drawn `min_time` window, §2.9)."""
+    """One random training clip of a video (a uniformly drawn `min_time` window)."""
     out = video_clips(caption, mel_spec, features_2d, features_3d, rng, table, 1, **kw)
     return {k: v[0] for k, v in out.items()}
 

@@ -43,7 +43,7 @@ Retrieval evaluation (msrvtt `test`, youcook2 `val`, synthetic `retrieval`):
 
   Every process gets the same number of batches (items process_index::process_count, the last batch
   padded with zero rows, valid False, index -1). `index` is the item's position in the split.
-  video_strategy: "clip" | "nearest" | "max_pool" (§2.10). cut_clips=n ("cut into clips and
+  video_strategy: "clip" | "nearest" | "max_pool" (long-video strategies). cut_clips=n ("cut into clips and
   average"): each item becomes n rows of n_video_tokens tokens / n_stft frames (so pass 12 / 768);
   a dropped clip (<= 70 % real audio, not the first) has valid False but keeps its index; the
   evaluator averages the embeddings of valid rows with the same index.
@@ -517,7 +517,7 @@ def load_retrieval(dataset: str, data_dir: str | os.PathLike, split: str, *, con
 def localization_windows(rec: dict, table: WordTable, *, use_2d: bool = True, use_3d: bool = True,
                          fps_2d: float = 1.0, fps_3d: float = 1.5, n_video_tokens: int = 12, n_stft: int = 768,
                          max_words: int = 20, clip_radius: int = 0, audio_padding: int = 0) -> dict[str, Any]:
-    """One localisation video -> its T one-second windows and K step texts (REFERENCE_FACTS §3.2).
+    """One localisation video -> its T one-second windows and K step texts.
 
     Window i covers seconds [i - r, i + r + 1] clipped to [0, T]; its audio is the spectrogram of the
     window widened by `audio_padding` s per side, padded to n_stft frames, with the mask zeroed outside

@@ -1,4 +1,4 @@
-"""A learnable synthetic dataset in the released layouts (DESIGN decision 8), the project's default.
+"""A learnable synthetic dataset in the released layouts, the project's default.
 
 The world: `n_events` latent events z_e (latent_dim); each modality sees the current event through
 its own fixed random projection plus noise: 2D features (1/s), 3D features (1.5/s), log-mel frames

@@ -1,6 +1,6 @@
 """Text: tokenisation, word2vec binary reader, and the per-dataset word-vector table.
 
-The original (REFERENCE_FACTS §1.5) tokenises with the regex "runs of word characters or
+The original tokenises with the regex "runs of word characters or
 apostrophes" on `str(sentence)`, keeps case, drops words missing from word2vec *before* truncating
 to `max_words`, and zero-pads. The word-vector table stored beside a prepared dataset holds exactly
 the dataset's words that exist in the word2vec file, so membership in the table is membership in

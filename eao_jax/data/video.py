@@ -1,4 +1,4 @@
-"""Video tokens from 2D (1 feature/s) and 3D (1.5 features/s) features (REFERENCE_FACTS §2.1, §2.10).
+"""Video tokens from 2D (1 feature/s) and 3D (1.5 features/s) features, as the original builds them.
 
 Strategies, for `n_tokens` output tokens:
   clip      2D is nearest-resampled to the 3D length, each part L2-normalised, [2D | 3D] concatenated,

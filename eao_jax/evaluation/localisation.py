@@ -1,6 +1,6 @@
 """Zero-shot step localisation (CrossTask, Mining YouTube): decoders and recall (numpy, host side).
 
-Protocol (REFERENCE_FACTS §3.2, the MCN / CrossTask lineage):
+Protocol (the MCN / CrossTask lineage that the original follows):
 - scores: (T, K) similarity between each 1-second window of a video (rows) and each of its K step
   descriptions (columns);
 - decoders:

@@ -1,4 +1,4 @@
-"""Evaluation reports: results JSON (DESIGN "Interfaces" schema), fixed-width tables, recall@K plot.
+"""Evaluation reports: results JSON (the schemas below), fixed-width tables, recall@K plot.
 
 Retrieval JSON:
   {"task", "checkpoint", "step", "num_queries", "complete_dataset_size",

@@ -1,6 +1,6 @@
 """Retrieval metrics (numpy, host side): similarity matrices, averaged ranks, R@k / MedR / MeanR.
 
-Protocol (REFERENCE_FACTS §3.1):
+Protocol (the original's `RetrievalMetric`):
 - query i's positive is item i, i.e. the diagonal of a square similarity matrix;
 - rank = 0-based position of the diagonal value in its descending-sorted row, averaged over every
   column that holds exactly the same value (so ranks can be fractional);

@@ -1,11 +1,11 @@
 """The Everything-at-Once model: token projections, fusion passes, pooled output embeddings.
 
-All modality combinations come from masked passes over one concatenated `[t | v | a]` sequence
-(DESIGN decision 3). A *pass* partitions the modalities into *groups*; tokens attend only to valid
-tokens of their own group. With no positional information beyond the optional per-modality
-embedding, a group behaves exactly like a separate forward on just its modalities, so
-`{tv | a}`, `{ta | v}`, `{va | t}` give all six embeddings with the token work of six passes,
-stacked on the batch axis as one transformer call.
+All modality combinations come from masked passes over one concatenated `[t | v | a]` sequence.
+A *pass* partitions the modalities into *groups*; tokens attend only to valid tokens of their own
+group. With no positional information beyond the optional per-modality embedding, a group behaves
+exactly like a separate forward on just its modalities, so `{tv | a}`, `{ta | v}`, `{va | t}` give
+all six embeddings with the token work of six passes, stacked on the batch axis as one transformer
+call.
 """
 
 from __future__ import annotations

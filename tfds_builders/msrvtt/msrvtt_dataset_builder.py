@@ -1,4 +1,4 @@
-"""MSR-VTT from the released pickles (REFERENCE_FACTS §1.1).
+"""MSR-VTT from the released pickles.
 
 Splits (present when their files exist): `test` (msrvtt_jsfusion_test.pkl, the JSFusion 1k-A test
 set: 968 clips with audio; the recall denominator is 1000, so the 32 clips without audio count as

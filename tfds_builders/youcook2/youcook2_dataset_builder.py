@@ -1,4 +1,4 @@
-"""YouCook2 from the released pickles (REFERENCE_FACTS §1.2).
+"""YouCook2 from the released pickles.
 
 Splits (present when their files exist): `val` (youcook_val.pkl) and `train` (youcook_train.pkl).
 As the original, only the clips whose ResNet pickle entry has `2d_full` are kept (11 validation
