@@ -118,16 +118,17 @@ def write_pickle(path: pathlib.Path, obj) -> None:
 
 
 def write_localization(manual: pathlib.Path, n_videos: int = 3, *, mining: bool = False, d2: int = 6, d3: int = 5,
-                       seed: int = 0) -> dict[str, dict]:
-    """CrossTask (or Mining YouTube) layout: videos.csv, features/*.npy, audio/*.npz, annotations/, steps.json."""
+                       seed: int = 0, tasks: tuple[str, str] = ("t1", "t2")) -> dict[str, dict]:
+    """CrossTask (or Mining YouTube) preprocessed layout: videos.csv, features/*.npy, audio/*.npz,
+    annotations/*.npy, steps.json. Even videos belong to tasks[0] (3 steps), odd ones to tasks[1] (2)."""
     rng = np.random.default_rng(seed)
     for sub in ("features", "audio", "annotations"):
         (manual / sub).mkdir(parents=True, exist_ok=True)
-    steps_by_task = {"t1": ["cut onion", "add salt", "stir the pan"], "t2": ["heat oil", "mix"]}
+    steps_by_task = {tasks[0]: ["cut onion", "add salt", "stir the pan"], tasks[1]: ["heat oil", "mix"]}
     videos, steps_json, rows = {}, {}, []
     for i in range(n_videos):
         vid = f"v{i}"
-        task = "t1" if i % 2 == 0 else "t2"
+        task = tasks[i % 2]
         v = random_video(rng, int(rng.integers(10, 20)), d2, d3)
         steps = steps_by_task[task] if not mining else [sentence(rng, 3) for _ in range(int(rng.integers(2, 4)))]
         ann = np.zeros((len(v["f2"]), len(steps)), np.float32)
@@ -153,3 +154,44 @@ def write_localization(manual: pathlib.Path, n_videos: int = 3, *, mining: bool 
         for vid, task in rows:
             w.writerow([vid] if mining else [vid, task])
     return videos
+
+
+def step_segments(annotation: np.ndarray) -> list[tuple[int, float, float]]:
+    """(1-based step, start s, end s) of each run of annotated seconds, with fractional times that
+    floor / ceil back to the run's first second and one past its last."""
+    out = []
+    for k in range(annotation.shape[1]):
+        col = np.concatenate(([0], (annotation[:, k] > 0).astype(np.int8), [0]))
+        starts, ends = np.flatnonzero(np.diff(col) == 1), np.flatnonzero(np.diff(col) == -1)
+        out += [(k + 1, a + 0.25, b - 0.5) for a, b in zip(starts, ends, strict=True)]
+    return sorted(out, key=lambda s: s[1])
+
+
+def write_crosstask_official(preprocessed: pathlib.Path, manual: pathlib.Path) -> None:
+    """The official CrossTask release layout of a `write_localization` CrossTask fixture (same videos,
+    steps and annotations): crosstask_release/{tasks_primary.txt, videos.csv, annotations/<task>_<vid>.csv}
+    plus the same features/ and audio/. videos.csv also lists a related-task video and a primary-task
+    video without annotation, which prepare leaves out."""
+    import shutil
+
+    release = manual / "crosstask_release"
+    (release / "annotations").mkdir(parents=True, exist_ok=True)
+    for sub in ("features", "audio"):
+        shutil.copytree(preprocessed / sub, manual / sub)
+    steps = json.loads((preprocessed / "steps.json").read_text())
+    with open(release / "tasks_primary.txt", "w") as f:
+        for task, names in steps.items():
+            f.write(f"{task}\nTask {task}\nhttps://www.wikihow.com/Task-{task}\n{len(names)}\n{','.join(names)}\n\n")
+    with open(preprocessed / "videos.csv", newline="") as f:
+        rows = [(r["video_id"], r["task"]) for r in csv.DictReader(f)]
+    with open(release / "videos.csv", "w") as f:
+        for i, (vid, task) in enumerate(rows):
+            f.write(f"{task},{vid},https://www.youtube.com/watch?v={vid}\n")
+            if i == 0:
+                f.write(f"99999,related{i},https://www.youtube.com/watch?v=related{i}\n")
+        f.write(f"{rows[0][1]},unannotated,https://www.youtube.com/watch?v=unannotated\n")
+    for vid, task in rows:
+        ann = np.load(preprocessed / "annotations" / f"{task}_{vid}.npy")
+        with open(release / "annotations" / f"{task}_{vid}.csv", "w") as f:
+            for k, start, end in step_segments(ann):
+                f.write(f"{k},{start:.2f},{end:.2f}\n")

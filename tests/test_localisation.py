@@ -1,6 +1,7 @@
 """Step localisation: ordered exactly-one DP, argmax decoders, log-softmax option, recall conventions."""
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -135,6 +136,23 @@ def test_crosstask_per_video_and_pooled_conventions():
         loc.crosstask_recall(_results())  # default: the 18 primary tasks, absent here
     with pytest.raises(ValueError, match="convention"):
         loc.crosstask_recall(_results(), "median", tasks=None)
+
+
+def test_partial_crosstask_averages_over_the_primary_tasks_present(caplog):
+    r = loc.VideoResult
+    primary = loc.CROSSTASK_PRIMARY_TASKS
+    results = [r("a", primary[0], 1, 2), r("b", primary[0], 2, 2), r("c", primary[5], 1, 3), r("d", "99999", 0, 1)]
+    with caplog.at_level(logging.WARNING):
+        out = loc.crosstask_recall(results)
+    assert out["per_task"] == {primary[0]: 75.0, primary[5]: pytest.approx(100 / 3), "99999": 0.0}
+    assert out["recall"] == pytest.approx((75.0 + 100 / 3) / 2)  # the related task 99999 is not averaged
+    assert out["averaged_over"] == [primary[0], primary[5]]
+    assert out["missing_tasks"] == [t for i, t in enumerate(primary) if i not in (0, 5)]
+    assert "partial CrossTask: 2 of 18 primary tasks present" in caplog.text
+    full = loc.crosstask_recall(_results(), tasks=["A", "B"])  # every selected task present: no warning
+    assert "missing_tasks" not in full and full["averaged_over"] == ["A", "B"]
+    with pytest.raises(ValueError, match="any of the 18 CrossTask task"):
+        loc.crosstask_recall([r("d", "99999", 0, 1)])
 
 
 def test_primary_tasks_constant():

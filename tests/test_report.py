@@ -47,6 +47,12 @@ def test_localisation_json_round_trip(tmp_path):
     assert report.read_results_json(tmp_path / "loc.json") == res
     table = report.format_localisation_table(res)
     assert "16815" in table and "50.00" in table and table.splitlines()[-1].split() == ["mean", "75.00"]
+    # a partial CrossTask says what its mean covers, in the JSON and under the table
+    partial = report.localisation_results("crosstask", loc.crosstask_recall(results), checkpoint="ck", step=3)
+    assert partial["averaged_over"] == ["16815", "23521"] and len(partial["missing_tasks"]) == 16
+    assert partial["metrics"]["recall"] == 75.0
+    assert report.format_localisation_table(partial).splitlines()[-1] == (
+        "(mean over the 2 of 18 tasks present; no video for 16)")
 
 
 def test_bad_results_are_errors(tmp_path):

@@ -13,7 +13,9 @@ Protocol (the MCN / CrossTask lineage that the original follows):
 - per-video recall = #(annotated steps hit) / #(steps with any annotation in the video), where a step is
   hit when one of its predicted windows lies inside an annotated window of that step;
 - CrossTask: mean per-video recall within a task, then mean over the 18 primary tasks ('per_video', MCN),
-  or matches pooled over all videos of a task before dividing ('pooled', Zhukov's CrossTask code);
+  or matches pooled over all videos of a task before dividing ('pooled', Zhukov's CrossTask code, which
+  also decodes after a row log-softmax); a dataset holding only some primary tasks is averaged over
+  those present, with a warning naming how many of the 18 they are;
 - Mining YouTube: mean per-video recall over all videos.
 Recall summaries are in percent (0..100), like the retrieval metrics.
 """
@@ -24,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from absl import logging
 
 from eao_jax.evaluation.retrieval import as_float_matrix
 
@@ -197,10 +200,14 @@ def crosstask_recall(
       results: one VideoResult per evaluated video.
       convention: 'per_video' (mean of per-video recalls within a task; MCN) or 'pooled'
         (sum of hits / sum of annotated steps over a task's videos; Zhukov's CrossTask code).
-      tasks: the tasks averaged into 'recall' (default the 18 primary tasks); each must have at least
-        one video. None = every task present. Videos of other tasks are still reported per task.
+      tasks: the tasks averaged into 'recall' (default the 18 primary tasks). Those without any video
+        are left out of the mean with a warning ("k of 18 ... present"), so a partial CrossTask
+        evaluates over the tasks it has; none present is an error. None = every task present.
+        Videos of other tasks are still reported per task.
     Returns:
-      {'recall': mean over `tasks`, 'per_task': {task: recall}, 'num_videos': {task: count}}.
+      {'recall': mean over the selected tasks present, 'per_task': {task: recall},
+       'num_videos': {task: count}, 'averaged_over': [task, ...]} plus 'missing_tasks': [task, ...]
+      (selected tasks without videos) when there are any.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown CrossTask convention {convention!r}; expected one of {CONVENTIONS}")
@@ -216,14 +223,23 @@ def crosstask_recall(
         else:
             per_task[task] = 100.0 * sum(v.hits for v in videos) / sum(v.total for v in videos)
     selected = list(by_task) if tasks is None else [str(t) for t in tasks]
+    present = [t for t in selected if t in per_task]
     missing = [t for t in selected if t not in per_task]
-    if missing:
-        raise ValueError(f"no evaluated video for CrossTask task(s) {missing}; cannot average over them")
-    return {
-        "recall": float(np.mean([per_task[t] for t in selected])),
+    if not present:
+        raise ValueError(f"no evaluated video for any of the {len(selected)} CrossTask task(s) {missing} "
+                         f"to average over; the videos' tasks are {sorted(by_task, key=_task_sort_key)}")
+    out: dict[str, object] = {
+        "recall": float(np.mean([per_task[t] for t in present])),
         "per_task": {t: per_task[t] for t in sorted(per_task, key=_task_sort_key)},
         "num_videos": {t: len(by_task[t]) for t in sorted(by_task, key=_task_sort_key)},
+        "averaged_over": present,
     }
+    if missing:
+        what = "primary tasks" if tuple(selected) == CROSSTASK_PRIMARY_TASKS else "selected tasks"
+        logging.warning("partial CrossTask: %d of %d %s present; the recall is the mean over these %d "
+                        "(no video for %s)", len(present), len(selected), what, len(present), missing)
+        out["missing_tasks"] = missing
+    return out
 
 
 def mining_youtube_recall(results: Iterable[VideoResult]) -> dict[str, object]:

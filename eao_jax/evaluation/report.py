@@ -6,6 +6,8 @@ Retrieval JSON:
 Localisation JSON:
   {"task", "checkpoint", "step", "num_videos", "settings": {...},
    "metrics": {"recall": mean, "per_task": {task: recall}}}   (per_task only for CrossTask; percent)
+  CrossTask adds "averaged_over": [tasks in the mean] and, when some of the tasks to average (the 18
+  primary ones) have no video, "missing_tasks": [those tasks].
 """
 
 from __future__ import annotations
@@ -68,16 +70,18 @@ def localisation_results(
     num_videos = summary.get("num_videos")
     if isinstance(num_videos, Mapping):
         num_videos = sum(num_videos.values())
-    return _to_jsonable(
-        {
-            "task": task,
-            "checkpoint": checkpoint,
-            "step": step,
-            "num_videos": num_videos,
-            "settings": dict(summary.get("settings", {})),
-            "metrics": metrics,
-        }
-    )
+    out = {
+        "task": task,
+        "checkpoint": checkpoint,
+        "step": step,
+        "num_videos": num_videos,
+        "settings": dict(summary.get("settings", {})),
+        "metrics": metrics,
+    }
+    for key in ("averaged_over", "missing_tasks"):  # which tasks the CrossTask mean covers
+        if key in summary:
+            out[key] = list(summary[key])
+    return _to_jsonable(out)
 
 
 def write_results_json(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
@@ -130,6 +134,10 @@ def format_localisation_table(results_or_summary: Mapping[str, Any]) -> str:
     for t, r in per_task.items():
         lines.append(str(t).ljust(name_w) + _fmt(r).rjust(10))
     lines.append("mean".ljust(name_w) + _fmt(m["recall"]).rjust(10))
+    missing = results_or_summary.get("missing_tasks")
+    if missing:  # a partial CrossTask: say what the mean covers
+        n = len(results_or_summary.get("averaged_over", ()))
+        lines.append(f"(mean over the {n} of {n + len(missing)} tasks present; no video for {len(missing)})")
     return "\n".join(lines)
 
 
