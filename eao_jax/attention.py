@@ -23,16 +23,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from eao_jax.evaluation.report import save_png
-from eao_jax.model.eao import MODALITIES, SHORT, EverythingAtOnce
+from eao_jax.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from eao_jax.model.eao import EverythingAtOnce
+
+# Imported on first use, so that `--help` answers without loading JAX / Flax.
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
+nnx = lazy_import("flax.nnx")
+eao = lazy_import("eao_jax.model.eao")
 
 CLS = "cls"
 
@@ -44,10 +50,10 @@ def parse_groups(spec: str | Sequence[Sequence[str]] | None, modalities: Sequenc
     """
     if spec is None:
         return (tuple(modalities),)
-    long = {v: k for k, v in SHORT.items()}
+    long = {v: k for k, v in eao.SHORT.items()}
     if isinstance(spec, str):
         spec = [[long.get(c, c) for c in part.strip()] for part in spec.split(",") if part.strip()]
-    groups = tuple(tuple(m for m in MODALITIES if m in g) for g in spec)
+    groups = tuple(tuple(m for m in eao.MODALITIES if m in g) for g in spec)
     flat = [m for g in spec for m in g]
     if sorted(flat) != sorted(modalities) or any(not g for g in groups):
         raise ValueError(f"groups {spec!r} must list each of the model's modalities {tuple(modalities)} exactly once")
@@ -103,7 +109,7 @@ def _attention_fn(graphdef: nnx.GraphDef, groups: tuple[tuple[str, ...], ...]) -
         spans, n_cls = res["spans"], res["n_cls"]
         b = valid.shape[0]
         length = max(e for _, e in spans.values())
-        labels = ([CLS] if n_cls else []) + [x for x in MODALITIES if x in spans]
+        labels = ([CLS] if n_cls else []) + [x for x in eao.MODALITIES if x in spans]
         onehot = np.zeros((length, len(labels)), np.float32)  # position -> label
         if n_cls:
             onehot[:n_cls, 0] = 1.0
@@ -111,7 +117,7 @@ def _attention_fn(graphdef: nnx.GraphDef, groups: tuple[tuple[str, ...], ...]) -
             onehot[s:e, labels.index(x)] = 1.0
         static["labels"] = labels  # trace-time side output (python values cannot leave jit)
         masks = res["masks"]
-        qvalid = jnp.concatenate([jnp.ones((b, n_cls), bool)] + [masks[x] for x in MODALITIES if x in spans], 1)
+        qvalid = jnp.concatenate([jnp.ones((b, n_cls), bool)] + [masks[x] for x in eao.MODALITIES if x in spans], 1)
         qw = (qvalid & valid[:, None]).astype(jnp.float32)  # (B, L)
         oh = jnp.asarray(onehot)
         count = jnp.einsum("bi,iq->q", qw, oh)
@@ -142,7 +148,7 @@ def plot_attention(path: str | os.PathLike, result: Mapping[str, Any], title: st
     from matplotlib.figure import Figure  # noqa: PLC0415
 
     labels = list(result["labels"])
-    short = [SHORT.get(x, x) for x in labels]
+    short = [eao.SHORT.get(x, x) for x in labels]
     per_head, mean = np.asarray(result["per_head"]), np.asarray(result["mean"])
     depth, heads, m, _ = per_head.shape
     fig = Figure(figsize=(4.0 + max(4.0, 0.45 * m * m), 1.0 + 3.2 * depth), dpi=100)
@@ -201,7 +207,9 @@ def analyse_checkpoint(checkpoint: str, task: str, output: str | os.PathLike, *,
     if not data_dir:
         raise ValueError("--data_dir is required (the checkpoint's config names no data_dir)")
     if spec.dataset == "synthetic":  # prepared on demand, as in evaluate
-        pipelines.prepare_once("synthetic", data_dir, tfds_config)
+        from eao_jax.prepare import prepare_once  # noqa: PLC0415
+
+        prepare_once("synthetic", data_dir, tfds_config)
     data = pipelines.load_retrieval(spec.dataset, data_dir, spec.split, config=tfds_config, batch_size=num_items,
                                     n_video_tokens=s["n_video_tokens"], n_stft=s["n_stft"],
                                     video_strategy=s["video_strategy"], process_index=0, process_count=1)

@@ -74,17 +74,22 @@ import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from eao_jax import config_utils, parallel, train  # noqa: E402
 from eao_jax import flops as flops_lib  # noqa: E402
-from eao_jax.model.eao import DTYPES  # noqa: E402
+from eao_jax.lazy import lazy_import  # noqa: E402
+
+# Imported on first use, so that `--help` answers without loading JAX / Flax / Orbax.
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
+nnx = lazy_import("flax.nnx")
+config_utils = lazy_import("eao_jax.config_utils")
+parallel = lazy_import("eao_jax.parallel")
+train = lazy_import("eao_jax.train")
+eao = lazy_import("eao_jax.model.eao")
 
 REQUIRED_KEYS = ("device_kind", "device_count", "step_time_s", "clips_per_s", "model_flops_per_step",
                  "analytic_flops_per_step", "achieved_flops_per_s", "matmul_peak_flops_per_s",
@@ -227,9 +232,9 @@ def derived_steps_per_epoch(config: ml_collections.ConfigDict) -> int:
     d = config.data
     n_videos = None
     if d.dataset == "synthetic":
-        from eao_jax.data import synthetic  # noqa: PLC0415
+        from tfds_builders.synthetic import world  # noqa: PLC0415
 
-        n_videos = synthetic.SPECS[d.tfds_config or "default"].train_videos
+        n_videos = world.SPECS[d.tfds_config or "default"].train_videos
     elif d.get("data_dir"):
         try:
             from eao_jax.data import pipelines  # noqa: PLC0415
@@ -340,7 +345,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
     mesh = _mesh(config, n_devices)
     devices = list(mesh.devices.flat)
     b = global_batch_size(config)
-    dtype = DTYPES[config.model.dtype]
+    dtype = eao.DTYPES[config.model.dtype]
 
     graphdef, state, shardings = train.init_train_state(config, mesh)
     step_fn = train.make_train_step(config, mesh, graphdef, shardings)

@@ -41,22 +41,25 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from eao_jax import distributed
 from eao_jax.evaluation import localisation as loc_lib
 from eao_jax.evaluation import report
 from eao_jax.evaluation import retrieval as ret_lib
-from eao_jax.model.eao import EverythingAtOnce
+from eao_jax.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from eao_jax.model.eao import EverythingAtOnce
+
+# Imported on first use, so that `--help` answers without loading JAX / Flax.
+jax = lazy_import("jax")
+nnx = lazy_import("flax.nnx")
+multihost_utils = lazy_import("jax.experimental.multihost_utils")
 
 DATA_AXIS = "data"
 STRATEGIES = ("at_once", "clip", "nearest", "max_pool", "clips_average")
@@ -160,7 +163,7 @@ def eval_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
 def _state_mesh(state: Any) -> jax.sharding.Mesh | None:
     """The mesh the model's arrays live on when it has a `data` axis spanning every device."""
     meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(state)
-              if isinstance(getattr(leaf, "sharding", None), NamedSharding)}
+              if isinstance(getattr(leaf, "sharding", None), jax.NamedSharding)}
     if len(meshes) == 1:
         mesh = meshes.pop()
         if DATA_AXIS in mesh.axis_names and mesh.size == jax.device_count():
@@ -225,14 +228,14 @@ class Embedder:
         if mesh is None:
             mesh = state_mesh if state_mesh is not None else eval_mesh()
         if state_mesh != mesh:  # replicate the model on the evaluation mesh
-            self.state = jax.device_put(self.state, NamedSharding(mesh, P()))
+            self.state = jax.device_put(self.state, jax.NamedSharding(mesh, jax.P()))
         self.mesh = mesh
         self.modalities = tuple(model.modalities)
         if cross_modal is None:
             cross_modal = not model.per_modality_fusion and len(model.modalities) > 1
         self.cross_modal = bool(cross_modal)
         self.outputs = tuple(outputs) if outputs is not None else None
-        self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+        self.batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
         self._forward = _jitted_forward(self.graphdef, self.cross_modal, self.outputs)
 
     @property
@@ -641,14 +644,14 @@ def main(argv: list[str]) -> None:
     saved = ckpt.restore_config(root, step)
     config = model_config_for_strategy(saved, FLAGS.task, FLAGS.strategy)
     mesh = eval_mesh()
-    model, config, step = ckpt.load_model(root, step, config=config, sharding=NamedSharding(mesh, P()))
+    model, config, step = ckpt.load_model(root, step, config=config, sharding=jax.NamedSharding(mesh, jax.P()))
     data_dir = FLAGS.data_dir or data_dir_from_config(config)
     if not data_dir:
         raise app.UsageError("--data_dir is required (the checkpoint's config names no data_dir)")
     if task_spec(FLAGS.task).dataset == "synthetic":  # prepared on demand: by one process first
-        from eao_jax.data import pipelines  # noqa: PLC0415
+        from eao_jax.prepare import prepare_once  # noqa: PLC0415
 
-        pipelines.prepare_once("synthetic", data_dir, FLAGS.tfds_config)
+        prepare_once("synthetic", data_dir, FLAGS.tfds_config)
     log_softmax = {"auto": None, "true": True, "false": False}[FLAGS.log_softmax]
     distributed.log_if_main("Evaluating %s step %d on %s over %d devices (%d processes).", FLAGS.checkpoint, step,
                             FLAGS.task, jax.device_count(), jax.process_count())
