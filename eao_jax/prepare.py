@@ -8,21 +8,31 @@ released layouts are described in each builder's docstring (tfds_builders/<name>
 can be moved with --csv, --caption_path, --features_path, --features_path_3d, --features_path_audio,
 --annot_path, --steps_path, --resnet_dir, --s3d_dir, --clip_dir (those the builder accepts).
 
+Before the pass over the items: a missing or empty --manual_dir is refused naming the files it
+should hold, and the --word2vec file is read through once (a truncated, empty or text-format file is
+refused), so neither is found out only after every record was written.
+
 Validation: a missing or truncated file, a wrong feature dimension, NaN/Inf values, an empty
-spectrogram or feature array, an empty caption or a malformed annotation stops the prepare with an
+spectrogram or feature array, an empty caption, a caption without a usable word (only punctuation,
+or, given --word2vec, no word of its vocabulary) or a malformed annotation stops the prepare with an
 error naming the file and the item. With --skip_bad such items are skipped and counted in
-`prepare_report.json` next to the dataset. Records are written to a temporary directory that is
-renamed when complete, so an interrupted prepare leaves no half dataset (leftover temporary
-directories of a killed prepare are removed by the next one). Preparing again is idempotent: an
+`prepare_report.json` next to the dataset. Training captions (MSR-VTT / YouCook2 `captions`) without
+a usable word are dropped from their item and counted in the report's notes; HowTo100M keeps ASR
+segments without one (their clips have no text, as in the original, also counted in the notes) and
+refuses only a video none of whose segments has a usable word. Records are written to a temporary
+directory that is renamed when complete, so an interrupted prepare leaves no half dataset; one
+prepare of a dataset config runs at a time (a lock beside it), and the temporary directories a
+killed prepare left are removed by the next one, however it is started (this command, or the
+automatic synthetic prepare of training and evaluation). Preparing again is idempotent: an
 existing dataset is kept; only a missing word-vector table is added when --word2vec is given.
+
+Errors end the command with one line `prepare: <message>` and exit status 1 (eao_jax.console).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 from typing import Any
 
 from absl import app, flags
@@ -38,19 +48,6 @@ def _parse_dims(s: str | None) -> tuple[int | None, int | None] | None:
     if len(parts) != 2:
         raise ValueError(f"--feature_dims must be 'D2,D3' (use 'none' for an unused slot), got {s!r}")
     return tuple(None if p in ("", "none") else int(p) for p in parts)  # type: ignore[return-value]
-
-
-def _remove_stale_incomplete(builder) -> list[str]:
-    """Removes `incomplete.*_<version>` directories a killed prepare left beside the dataset."""
-    parent = os.fspath(builder.data_path.parent)
-    removed = []
-    if os.path.isdir(parent):
-        suffix = "_" + builder.data_path.name
-        for d in os.listdir(parent):
-            if d.startswith("incomplete.") and d.endswith(suffix):
-                shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
-                removed.append(d)
-    return removed
 
 
 def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None, *,
@@ -98,16 +95,14 @@ def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.Path
     notes: list[str] = []
     if not builder.data_path.exists():
         status = "prepared"
-        removed = _remove_stale_incomplete(builder)
-        if removed:
-            notes.append(f"removed leftovers of an interrupted prepare: {removed}")
-        if dataset != "synthetic" and manual_dir is None:
-            raise ValueError(f"--manual_dir is required for {dataset}")
         tfds.display_progress_bar(progress)
         dl_config = tfds.download.DownloadConfig(
             manual_dir=None if manual_dir is None else os.fspath(manual_dir), try_download_gcs=False,
             beam_options=beam_options)
+        # The builder checks --manual_dir and --word2vec first and removes a killed prepare's leftovers.
         builder.download_and_prepare(download_config=dl_config)
+        if builder.removed_leftovers:
+            notes.append(f"removed leftovers of an interrupted prepare: {builder.removed_leftovers}")
     table_path = os.path.join(path, text_lib.WORD_VECTORS_FILE)
     if status == "exists" and word2vec is not None and not os.path.exists(table_path):
         tokens = text_lib.read_tokens(os.path.join(path, text_lib.TOKENS_FILE))
@@ -163,21 +158,20 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    from eao_jax.data.validate import PrepareError
+    from eao_jax import console
 
-    try:
-        summary = prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir, config=FLAGS.config,
-                          word2vec=FLAGS.word2vec, skip_bad=FLAGS.skip_bad,
-                          paths={k: getattr(FLAGS, k) for k in PATH_FLAGS},
-                          feature_dims=_parse_dims(FLAGS.feature_dims), progress=True,
-                          beam_options=FLAGS.beam_pipeline_options, workers=FLAGS.workers,
-                          videos_per_shard=FLAGS.videos_per_shard, chunk_seconds=FLAGS.chunk_seconds)
-    except (PrepareError, FileNotFoundError, ValueError, ModuleNotFoundError) as e:
-        print(f"prepare failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    console.quiet_libraries()  # TFDS's INFO lines would drown the summary
+    summary = prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir, config=FLAGS.config,
+                      word2vec=FLAGS.word2vec, skip_bad=FLAGS.skip_bad,
+                      paths={k: getattr(FLAGS, k) for k in PATH_FLAGS},
+                      feature_dims=_parse_dims(FLAGS.feature_dims), progress=True,
+                      beam_options=FLAGS.beam_pipeline_options, workers=FLAGS.workers,
+                      videos_per_shard=FLAGS.videos_per_shard, chunk_seconds=FLAGS.chunk_seconds)
     print(format_summary(summary))
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    from eao_jax import console
+
+    app.run(console.report_errors("prepare")(main))

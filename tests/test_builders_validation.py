@@ -220,4 +220,178 @@ def test_cli_prints_summary_and_fails_cleanly(tmp_path):
     assert "howto100m: prepared at" in out.stdout and "train: 2 items written, 0 skipped" in out.stdout
     out = subprocess.run(cmd[:-1] + ["--feature_dims=8,5", "--config=resnet"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 1 and "prepare failed: howto100m/train: wrong feature dimension" in out.stderr
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith(
+        "prepare: howto100m/train: wrong feature dimension")
+    assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checked before the pass over the items: the manual directory and the word2vec file.
+
+
+def test_missing_or_empty_manual_dir_names_it_and_the_files_it_needs(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^msrvtt: --manual_dir .*absent does not exist; it should hold "
+                                                r"the released files: msrvtt_jsfusion_test\.pkl, "):
+        prepare("msrvtt", tmp_path / "d", tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^howto100m: --manual_dir .*empty is empty; it should hold the "
+                                                r"released files: HowTo100M_1166_videopaths\.txt, caption\.pickle"):
+        prepare("howto100m", tmp_path / "d", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"^crosstask: --manual_dir is required .*videos\.csv, steps\.json"):
+        prepare("crosstask", tmp_path / "d")
+    # Empty lists name their file.
+    write_pickle(tmp_path / "m" / "msrvtt_jsfusion_test.pkl", [])
+    with pytest.raises(PrepareError, match=r"m/msrvtt_jsfusion_test\.pkl: the item list is empty"):
+        prepare("msrvtt", tmp_path / "d", tmp_path / "m")
+    write_localization(tmp_path / "l", n_videos=1)
+    (tmp_path / "l" / "videos.csv").write_text("video_id,task\n")
+    with pytest.raises(PrepareError, match=r"l/videos\.csv: the video list is empty"):
+        prepare("crosstask", tmp_path / "d", tmp_path / "l")
+    assert not [p for p in (tmp_path / "d").rglob("*") if p.is_dir() and p.name[0].isdigit()]  # nothing prepared
+
+
+def test_cli_empty_manual_dir_is_one_line(tmp_path):
+    import subprocess
+
+    (tmp_path / "empty").mkdir()
+    out = subprocess.run([sys.executable, "-m", "eao_jax.prepare", "--dataset=youcook2", "--data_dir=d",
+                          f"--manual_dir={tmp_path / 'empty'}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "AssertionError" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"prepare: youcook2: --manual_dir {tmp_path / 'empty'} is empty; it should hold the released files: "
+        "youcook_val.pkl, youcook_train.pkl (any of these splits; in resnet/ or directly)"]
+
+
+def _text_word2vec(path, dim=7):
+    rows = [w + "".join(f" {v:.4f}" for v in np.linspace(-1, 1, dim)) for w in ("cut", "the", "onion")]
+    path.write_text(f"3 {dim}\n" + "\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-10]), r"truncated at word 11 of 12"),
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: p.write_bytes(b"GoogleNews\n" + p.read_bytes()), r"not a word2vec binary file \(the first line"),
+    (_text_word2vec, "this is the text word2vec format; give the binary one"),
+])
+def test_bad_word2vec_is_refused_before_any_video_is_read(tmp_path, monkeypatch, damage, message):
+    from tfds_builders.howto100m import shards as hb
+
+    _howto(tmp_path)
+    w2v, _ = word2vec_fixture(tmp_path)
+    damage(w2v)
+    real, reads = hb.load_video, []
+    monkeypatch.setattr(hb, "load_video", lambda *a, **k: reads.append(a[1]) or real(*a, **k))
+    with pytest.raises(PrepareError, match=rf"^--word2vec .*w2v\.bin: {message}"):
+        _prep_howto(tmp_path, word2vec=w2v)
+    assert reads == [] and _no_dataset_left(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Captions that give the model no text: only punctuation, or (given word2vec) no word it knows.
+
+
+def test_item_captions_without_usable_words(tmp_path):
+    w2v, _ = word2vec_fixture(tmp_path)
+    items = item_list(5)
+    for it in items:
+        it["caption"], it["eval_caption"] = ["cut the onion", "stir"], "add salt"
+    items[1]["eval_caption"] = "?! ..."
+    items[3]["eval_caption"] = "OOV zzz"  # words, but none in the word2vec file
+    items[4]["caption"] = ["cut the onion", "-- !", "zzz OOV", "add salt"]
+    write_pickle(tmp_path / "m" / "msrvtt_jsfusion_test.pkl", items)
+    with pytest.raises(PrepareError, match=r"msrvtt/test: caption without words: item 'clip1', file .*msrvtt_jsfusion"
+                                           r"_test\.pkl: eval_caption '\?! \.\.\.' has no word \(only punctuation"):
+        prepare("msrvtt", tmp_path / "d", tmp_path / "m", word2vec=w2v, feature_dims=(6, 5))
+    s = prepare("msrvtt", tmp_path / "d", tmp_path / "m", word2vec=w2v, feature_dims=(6, 5), skip_bad=True)
+    assert s["written"] == {"test": 3}
+    assert s["skipped"] == {"test": {"caption without words": 1, "caption without known words": 1}}
+    report = json.loads(open(s["report"]).read())
+    assert {it["item"]: it["detail"] for it in report["skipped_items"]} == {
+        "clip1": "eval_caption '?! ...' has no word (only punctuation or symbols)",
+        "clip3": "eval_caption 'OOV zzz' has no word in the word2vec vocabulary (w2v.bin)"}
+    assert "test: 2 training captions without a usable word (only punctuation, or no word2vec word) dropped " \
+           "from their items" in s["notes"]
+    src = PreparedDataset(s["path"]).source("test")
+    by_id = {src[i]["id"]: src[i] for i in range(len(src))}
+    assert list(by_id["clip4"]["captions"]) == ["cut the onion", "add salt"]
+    assert list(by_id["clip0"]["captions"]) == ["cut the onion", "stir"]
+    # Without word2vec the vocabulary is unknown: only the punctuation rule applies.
+    s = prepare("msrvtt", tmp_path / "d2", tmp_path / "m", feature_dims=(6, 5), skip_bad=True)
+    assert s["written"] == {"test": 4} and s["skipped"] == {"test": {"caption without words": 1}}
+
+
+def test_step_text_without_words_is_refused(tmp_path):
+    write_localization(tmp_path / "m", n_videos=2)
+    steps = json.loads((tmp_path / "m" / "steps.json").read_text())
+    steps["t2"][1] = "!!"
+    (tmp_path / "m" / "steps.json").write_text(json.dumps(steps))
+    with pytest.raises(PrepareError, match=r"crosstask/test: caption without words: item 'v1', file .*steps\.json: "
+                                           r"step '!!' has no word"):
+        prepare("crosstask", tmp_path / "d", tmp_path / "m", feature_dims=(6, 5))
+
+
+def test_howto_video_without_usable_caption_words(tmp_path):
+    videos, ids = _howto(tmp_path, n=3)
+    caps = load_pickle(tmp_path / "m" / "caption.pickle")
+    n0 = len(caps[ids[0]]["text"])
+    caps[ids[0]]["text"] = ["cut the onion"] * (n0 - 1) + ["zzz OOV ..."]  # one unusable segment: kept
+    caps[ids[1]]["text"] = ["..."] * len(caps[ids[1]]["text"])
+    caps[ids[2]]["text"] = ["OOV, zzz!"] * len(caps[ids[2]]["text"])
+    write_pickle(tmp_path / "m" / "caption.pickle", caps)
+    w2v, _ = word2vec_fixture(tmp_path)
+    with pytest.raises(PrepareError, match=rf"howto100m/train: caption without words: item '{ids[1]}', file .*caption"
+                                           rf"\.pickle: none of its {len(caps[ids[1]]['text'])} caption segments has "
+                                           r"a usable word \(e\.g\. caption segment '\.\.\.' has no word"):
+        _prep_howto(tmp_path, word2vec=w2v)
+    assert _no_dataset_left(tmp_path)
+    s = _prep_howto(tmp_path, word2vec=w2v, skip_bad=True)
+    assert s["written"] == {"train": 1}
+    assert s["skipped"] == {"train": {"caption without words": 1, "caption without known words": 1}}
+    assert f"1 of {n0} caption segments have no usable word (only punctuation, or no word2vec word): kept, their " \
+           "clips have no text" in s["notes"]
+    store = HowToStore(PreparedDataset(s["path"]), "train")
+    assert [store.whole(i)["id"] for i in range(len(store))] == [ids[0]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A killed prepare (SIGKILL: no cleanup runs) and the next one.
+
+
+# The automatic synthetic prepare of training and evaluation is this builder call.
+_AUTO_PREPARE = """
+import os, signal, sys
+import tensorflow_datasets as tfds
+from tfds_builders import writer
+from tfds_builders.synthetic import Synthetic
+real, n = writer.ShardWriter.write, [0]
+def dying(self, example):
+    n[0] += 1
+    if n[0] == int(sys.argv[2]):  # killed mid-split, as by the OOM killer or kill -9
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, example)
+writer.ShardWriter.write = dying
+b = Synthetic(data_dir=sys.argv[1], config="tiny", file_format="array_record")
+b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+print(b.data_path, b.removed_leftovers)
+"""
+
+
+def test_killed_automatic_synthetic_prepare_leaves_nothing_for_the_next(tmp_path):
+    import subprocess
+
+    def run(kill_at):
+        return subprocess.run([sys.executable, "-c", _AUTO_PREPARE, str(tmp_path / "d"), str(kill_at)],
+                              capture_output=True, text=True, timeout=120)
+
+    out = run(5)
+    assert out.returncode == -9, out.stderr[-2000:]
+    root = tmp_path / "d" / "synthetic" / "tiny"
+    left = [d for d in os.listdir(root) if d.startswith("incomplete.")]
+    assert len(left) == 1  # what the kill left behind
+    out = run(-1)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, removed = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert removed == str(left)
+    assert sorted(d for d in os.listdir(root) if not d.startswith(".")) == ["1.0.0"]
+    assert PreparedDataset(path).num_examples("train") > 0

@@ -25,17 +25,21 @@ use_2d/use_3d, dim_2d/dim_3d, fps_2d/fps_3d, feature_dtype, audio_dtype, word2ve
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from eao_jax.data import records
 from eao_jax.data import text as text_lib
 from eao_jax.data import validate as V
-from tfds_builders import writer
+from tfds_builders import words, writer
 
 BYTES = tfds.features.Encoding.BYTES
 
@@ -100,6 +104,48 @@ class FeatureConfig(tfds.core.BuilderConfig):
         self.options = dict(options or {})
 
 
+PREPARE_LOCK = ".prepare.lock"  # beside the version directories of a config: one prepare at a time
+
+
+@contextlib.contextmanager
+def _prepare_lock(directory: str) -> Iterator[bool]:
+    """Holds an exclusive lock on `directory`/.prepare.lock (blocking while another prepare of the same
+    dataset config runs); yields whether it is held. The kernel drops the lock when its holder dies,
+    so a killed prepare never blocks the next. Remote directories (gs://...) are not locked."""
+    if "://" in directory:
+        yield False
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, PREPARE_LOCK), "a") as f:
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logging.warning("%s: another prepare of this dataset is running; waiting for it", directory)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # e.g. ENOLCK: a filesystem without locks
+            logging.warning("%s: cannot lock (%s); preparing unguarded", directory, e)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_incomplete(data_path: Any) -> list[str]:
+    """Removes the `incomplete.*_<version>` directories a killed prepare left beside `data_path`
+    (only call under the prepare lock: then no live prepare owns one)."""
+    parent, suffix = os.fspath(data_path.parent), "_" + data_path.name
+    removed = []
+    if os.path.isdir(parent):
+        for d in sorted(os.listdir(parent)):
+            if d.startswith("incomplete.") and d.endswith(suffix):
+                shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
 _EMPTY_FEATURES = {np.dtype(np.float16): np.zeros((0, 0), np.float16),
                    np.dtype(np.float32): np.zeros((0, 0), np.float32)}
 
@@ -136,9 +182,48 @@ class EaoBuilder(tfds.core.GeneratorBasedBuilder):
         self._skip_bad = skip_bad
         self._paths = paths
         self._feature_dims = feature_dims
+        self._known: words.KnownWords | None = None
+        self.removed_leftovers: list[str] = []
         super().__init__(**kwargs)
 
+    def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs) -> None:
+        """TFDS's `download_and_prepare`, after the cheap checks that would otherwise fail only at the
+        end of the pass (or inside TFDS): the manual directory exists and is not empty, the word2vec
+        file reads completely. One prepare per dataset config at a time (a lock); the temporary
+        directories of a killed earlier prepare are removed first (`removed_leftovers` names them)."""
+        if self.MANUAL_DOWNLOAD_INSTRUCTIONS:
+            self._check_manual_dir(None if download_config is None else download_config.manual_dir)
+        with _prepare_lock(os.fspath(self.data_path.parent)) as locked:
+            if self.data_path.exists():  # prepared meanwhile by the holder of the lock: TFDS reuses it
+                return super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                                    **kwargs)
+            if locked:
+                self.removed_leftovers = remove_stale_incomplete(self.data_path)
+                if self.removed_leftovers:
+                    logging.warning("removed leftovers of an interrupted prepare: %s", self.removed_leftovers)
+            if self._word2vec is not None:
+                self._known = words.KnownWords.scan(self._word2vec)
+            super().download_and_prepare(download_dir=download_dir, download_config=download_config, **kwargs)
+
+    def _check_manual_dir(self, manual_dir: Any) -> None:
+        files = ", ".join(self.manual_files()) or "see the builder's docstring"
+        where = f"{self.name}: --manual_dir {manual_dir}"
+        if manual_dir is None:
+            raise FileNotFoundError(f"{self.name}: --manual_dir is required (the directory holding the released "
+                                    f"files: {files})")
+        path = os.fspath(manual_dir)
+        if "://" in path:
+            return  # checked by the reads themselves
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{where} does not exist; it should hold the released files: {files}")
+        if not os.listdir(path):
+            raise FileNotFoundError(f"{where} is empty; it should hold the released files: {files}")
+
     # -- things subclasses describe -----------------------------------------------------------
+    def manual_files(self) -> list[str]:
+        """The released files (and folders, ending in /) the manual directory holds, for messages."""
+        return []
+
     def _layout_fields(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -163,6 +248,18 @@ class EaoBuilder(tfds.core.GeneratorBasedBuilder):
     def _add_text(self, *texts: str) -> None:
         for t in texts:
             self._tokens.update(text_lib.tokenize(t))
+
+    def _caption_problem(self, text: str) -> str | None:
+        """Why `text` gives the model no words (words.NO_WORDS / NO_KNOWN_WORDS), or None."""
+        return words.caption_problem(text_lib.tokenize(text), self._known)
+
+    def _usable_caption(self, text: Any, item: str, file, what: str = "caption") -> str:
+        """A validated caption (V.check_caption) that has at least one usable word; else BadItem."""
+        text = V.check_caption(text, item, file)
+        problem = self._caption_problem(text)
+        if problem is not None:
+            raise words.bad_caption(problem, text, item, file, self._known, what)
+        return text
 
     def _expected_dim(self, part: str) -> int | None:
         if self._dims.get(part) is not None:

@@ -157,7 +157,10 @@ class LocalizationBuilder(common.EaoBuilder):
         return dict(common.LOCALIZATION_FIELDS)
 
     def manual_files(self) -> list[str]:
-        return ["videos.csv", "steps.json", "features/", "audio/", "annotations/"]
+        files = ["videos.csv", "steps.json", "features/", "audio/", "annotations/"]
+        if not self.MINING:
+            files[-1] += f" (or the official release's {OFFICIAL_DIR}/{OFFICIAL_TASKS_FILE} layout)"
+        return files
 
     def _official_release(self, dl_manager) -> _Official | None:
         """The official CrossTask layout's files, or None for the preprocessed layout."""
@@ -222,6 +225,8 @@ class LocalizationBuilder(common.EaoBuilder):
             if reader.fieldnames is None or any(c not in reader.fieldnames for c in need):
                 raise ValueError(f"{csv_path}: needs columns {need}, got {reader.fieldnames}")
             rows = [(r["video_id"], "" if self.MINING else str(r["task"])) for r in reader]
+        if not rows:
+            raise V.PrepareError(f"{csv_path}: the video list is empty")
         self._steps_file = self._path(dl_manager, "steps_path", "steps.json")
         if not os.path.exists(self._steps_file):
             raise FileNotFoundError(

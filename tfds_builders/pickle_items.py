@@ -43,6 +43,13 @@ class PickleItemsBuilder(common.EaoBuilder):
     def _layout_fields(self):
         return dict(common.ITEM_FIELDS)
 
+    def manual_files(self) -> list[str]:
+        opts = self.builder_config.options
+        others = sorted({opts[k] for k in ("src_2d", "src_3d") if k in opts} - {"resnet"})
+        names = list(self.SPLIT_FILES.values())
+        names[-1] += " (any of these splits; in resnet/ or directly)"
+        return names + [f"{src}/ (the same file names)" for src in others]
+
     def _dir(self, dl_manager, src: str) -> str:
         d = self._path(dl_manager, f"{src}_dir", src)
         if src == "resnet" and f"{src}_dir" not in self._paths and not os.path.isdir(d):
@@ -71,6 +78,8 @@ class PickleItemsBuilder(common.EaoBuilder):
             main = data["resnet"]
             if not isinstance(main, list):
                 raise V.PrepareError(f"{files['resnet']}: expected a list of dicts, got {type(main).__name__}")
+            if not main:
+                raise V.PrepareError(f"{files['resnet']}: the item list is empty")
             for src, d in data.items():
                 if len(d) != len(main):
                     raise V.PrepareError(f"{files[src]} has {len(d)} items but {files['resnet']} has {len(main)}; "
@@ -92,6 +101,7 @@ class PickleItemsBuilder(common.EaoBuilder):
         opts = self.builder_config.options
         main = data["resnet"]
         n_dropped = 0
+        dropped_captions = [0]  # training captions without a usable word, of the items written
 
         def build(i: int):
             it = main[i]
@@ -119,13 +129,22 @@ class PickleItemsBuilder(common.EaoBuilder):
             caps = it.get("caption")
             caps = [caps] if isinstance(caps, (str, bytes)) else ([] if caps is None else list(caps))
             caps = [V.check_caption(c, name, files["resnet"]) for c in caps]
+            # A training caption without a usable word would train on no text: dropped (and counted) as
+            # long as the item keeps one; the evaluated caption must have one.
+            usable = [c for c in caps if self._caption_problem(c) is None]
             ev = it.get("eval_caption")
-            ev = V.check_caption(ev, name, files["resnet"]) if ev is not None else (caps[0] if caps else None)
-            if ev is None:
+            if ev is not None:
+                ev = self._usable_caption(ev, name, files["resnet"], "eval_caption")
+            elif usable:
+                ev = usable[0]
+            elif caps:  # raises: none of the item's captions has a usable word
+                ev = self._usable_caption(caps[0], name, files["resnet"])
+            else:
                 raise V.BadItem(V.NO_CAPTION, name, files["resnet"], "neither 'caption' nor 'eval_caption'")
+            dropped_captions[0] += len(caps) - len(usable)
             ex["caption"] = ev
-            ex["captions"] = caps or [ev]
-            self._add_text(ev, *caps)
+            ex["captions"] = usable or [ev]
+            self._add_text(ev, *usable)
             return ex
 
         def items():
@@ -136,6 +155,9 @@ class PickleItemsBuilder(common.EaoBuilder):
                     continue
                 yield i, (lambda i=i: build(i))
             self._on_dropped(split, n_dropped)
+            if dropped_captions[0]:
+                self._report.notes.append(f"{split}: {dropped_captions[0]} training captions without a usable word "
+                                          "(only punctuation, or no word2vec word) dropped from their items")
 
         return self._validated(split, items())
 

@@ -122,6 +122,10 @@ class Howto100m(common.EaoBuilder):
             raise ValueError(f"howto100m: chunk_seconds={cs} must be a positive number of seconds holding whole "
                              f"feature rows at {spec.fps_2d}/s and {spec.fps_3d}/s (e.g. an even number)")
 
+    def manual_files(self) -> list[str]:
+        opts = self.builder_config.options
+        return [opts["csv"], "caption.pickle", opts["features_path"] + "/", "audio_features/"]
+
     def _shard_videos(self) -> int:
         return int(self._videos_per_shard or self.builder_config.options["videos_per_shard"])
 
@@ -180,12 +184,17 @@ class Howto100m(common.EaoBuilder):
         out = epath.Path(self.data_path)  # the temporary directory TFDS renames when done
         work = out / "_work"
         work.mkdir(parents=True, exist_ok=True)
+        known_path = None
+        if self._known is not None:  # the word2vec vocabulary, for the workers' caption checks
+            known_path = str(work / "known_words.npy")
+            self._known.save(known_path)
         vps = self._shard_videos()
         groups = [tuple(enumerate(paths))[i:i + vps] for i in range(0, len(paths), vps)]
         tasks = [shards.ShardTask(index=i, videos=g, captions=str(work / f"captions-{i:05d}.pkl"),
                                   caption_source=caption_file,
                                   output=str(work / f"shard-{i:05d}.array_record"),
-                                  summary=str(work / f"summary-{i:05d}.json"), spec=spec, skip_bad=self._skip_bad)
+                                  summary=str(work / f"summary-{i:05d}.json"), spec=spec, skip_bad=self._skip_bad,
+                                  known_words=known_path)
                  for i, g in enumerate(groups)]
         split_captions(caption_file, tasks)
         run_shards(tasks, download_config.beam_options, progress=self._progress)
@@ -206,6 +215,12 @@ class Howto100m(common.EaoBuilder):
         missing = [t.index for t, s in zip(tasks, summaries, strict=True) if s is None]
         if missing:
             raise V.PrepareError(f"{self.name}/train: shards {missing} were not prepared (no summary)")
+        segments = sum(s.get("segments", 0) for s in summaries if s is not None)
+        unusable = sum(s.get("unusable_segments", 0) for s in summaries if s is not None)
+        if unusable:
+            self._report.notes.append(
+                f"{unusable} of {segments} caption segments have no usable word (only punctuation"
+                f"{', or no word2vec word' if self._known is not None else ''}): kept, their clips have no text")
         if not written:
             raise V.PrepareError(f"{self.name}/train: no video was written ({len(self._report.items)} skipped)")
         positions, sizes = [], []

@@ -31,6 +31,7 @@ from eao_jax.data import audio as audio_lib
 from eao_jax.data import records
 from eao_jax.data import text as text_lib
 from eao_jax.data import validate as V
+from tfds_builders import words
 
 LAYOUTS = ("howto", "howto_chunks")
 HEADER = -1
@@ -74,6 +75,7 @@ class ShardTask:
     summary: str  # the shard's JSON summary
     spec: VideoSpec
     skip_bad: bool
+    known_words: str | None = None  # words.KnownWords file of the word2vec vocabulary (None: not given)
 
 
 def video_id(path: str) -> str:
@@ -194,12 +196,25 @@ def record_features(layout: str, feature_dtype: str, audio_dtype: str) -> Any:
     return tfds.features.FeaturesDict(feats)
 
 
+_KNOWN: dict[str, words.KnownWords] = {}  # per worker process: the vocabulary is read once
+
+
+def _known_words(path: str | None) -> words.KnownWords | None:
+    if path is None:
+        return None
+    if path not in _KNOWN:
+        _KNOWN.clear()
+        _KNOWN[path] = words.KnownWords.load(path)
+    return _KNOWN[path]
+
+
 def run_shard(task: ShardTask, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Prepares one shard: writes its records to `task.output` and its summary to `task.summary`.
 
     The summary (also returned): index, written [[video position, records], ...] in record order,
     num_examples, num_bytes, tokens (the shard's distinct tokens), skipped [items], error (the first
-    bad item when skip_bad is off: it stops the shard, and the driver reports it).
+    bad item when skip_bad is off: it stops the shard, and the driver reports it), segments and
+    unusable_segments (caption segments written, and those without a usable word).
     """
     from tfds_builders.writer import ShardWriter
 
@@ -208,13 +223,18 @@ def run_shard(task: ShardTask, progress: Callable[[int], None] | None = None) ->
         captions = pickle.load(f)
     writer = ShardWriter(record_features(spec.layout, spec.feature_dtype, spec.audio_dtype), task.output,
                          spec.array_record_options)
+    known = _known_words(task.known_words)
     tokens: set[str] = set()
-    summary: dict[str, Any] = dict(index=task.index, written=[], skipped=[], error=None)
+    summary: dict[str, Any] = dict(index=task.index, written=[], skipped=[], error=None, segments=0,
+                                   unusable_segments=0)
     try:
         for position, path in task.videos:
             vid = video_id(path)
             try:
                 video = load_video(spec, path, captions.get(vid), task.caption_source)
+                segment_tokens = [text_lib.tokenize(t) for t in video["caption_text"]]
+                unusable = words.check_segments(segment_tokens, video["caption_text"], vid, task.caption_source,
+                                                known)
             except V.BadItem as e:
                 item = dict(split="train", item=e.item, file=e.file, reason=e.reason, detail=e.detail)
                 summary["skipped"].append(item)
@@ -225,8 +245,10 @@ def run_shard(task: ShardTask, progress: Callable[[int], None] | None = None) ->
             finally:
                 if progress is not None:
                     progress(1)
-            for t in video["caption_text"]:
-                tokens.update(text_lib.tokenize(t))
+            for t in segment_tokens:
+                tokens.update(t)
+            summary["segments"] += len(segment_tokens)
+            summary["unusable_segments"] += unusable
             recs = video_records(spec, video)
             for r in recs:
                 writer.write(r)
