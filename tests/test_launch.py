@@ -338,13 +338,14 @@ def test_slurm_one_process_per_node(slurm_bin):
                     "--config.train.lr=1e-4"]
     assert not (tmp / "srun_was_called").exists()
 
-    # What eao_jax.distributed makes of it inside task 1 of the step.
+    # What eao_jax.distributed makes of it inside task 1 of the step: the exported address and
+    # device ids; the count and id are left to JAX's SLURM detection (SLURM_NTASKS, SLURM_PROCID).
     task_env = {"EAO_COORDINATOR_ADDRESS": f"gpu01:{PORT}", "EAO_LOCAL_DEVICE_IDS": "0,1,2,3",
                 "SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "2",
                 "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
-    plan = dist.resolve(env=task_env, tpu_vm=False)
-    assert (plan.action, plan.coordinator_address, plan.num_processes, plan.process_id, plan.local_device_ids) == (
-        "initialize", f"gpu01:{PORT}", 2, 1, (0, 1, 2, 3))
+    s = dist.resolve(env=task_env)
+    assert (s.mode, s.coordinator_address, s.num_processes, s.process_id, s.local_device_ids) == (
+        "auto", f"gpu01:{PORT}", None, None, (0, 1, 2, 3))
 
 
 def test_slurm_one_process_per_gpu_eval(slurm_bin):
