@@ -119,6 +119,29 @@ def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.Path
                 report=report_path, notes=report["notes"] + notes, word_table=table)
 
 
+def prepare_once(name: str, data_dir: str | os.PathLike, config: str | None = None) -> None:
+    """Prepares the synthetic dataset (the only one prepared on demand) before anything opens it.
+
+    Collective under jax.distributed: every process must call it. Process 0 prepares first while
+    the others wait at a barrier, so processes sharing a filesystem never write the same dataset
+    concurrently; on hosts with their own disks, each then prepares its local copy. Other datasets
+    are prepared beforehand with this command: nothing to do.
+    """
+    if name != "synthetic":
+        return
+    import jax
+
+    from tfds_builders.synthetic import ensure_prepared
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            ensure_prepared(data_dir, config or "default")
+        multihost_utils.sync_global_devices(f"eao_jax prepared synthetic/{config or 'default'}")
+    ensure_prepared(data_dir, config or "default")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"{s['dataset']}: {'prepared' if s['status'] == 'prepared' else 'already prepared'} at {s['path']}"]
     for split, n in s["written"].items():

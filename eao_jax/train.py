@@ -392,7 +392,9 @@ def make_train_data(config: ml_collections.ConfigDict) -> tuple[Any, int]:
     """
     from eao_jax.data import pipelines  # noqa: PLC0415 (heavy import, only when training)
 
-    pipelines.prepare_once(config.data.dataset, config.data.data_dir, config.data.get("tfds_config"))
+    from eao_jax.prepare import prepare_once  # noqa: PLC0415
+
+    prepare_once(config.data.dataset, config.data.data_dir, config.data.get("tfds_config"))
     ds = pipelines.open_dataset(config.data.dataset, config.data.data_dir, config.data.get("tfds_config"))
     n_videos = len(ds.source(config.data.get("split") or "train"))
     return pipelines.make_train_iterator(config), n_videos

@@ -10,8 +10,8 @@ from test_evaluate import SYN, random_model, synthetic_model_config
 
 from eao_jax import attention
 from eao_jax import checkpoint as ckpt
-from eao_jax.data import pipelines
 from eao_jax.defaults import loss_config
+from tfds_builders.synthetic import ensure_prepared
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_cls_token_and_bad_requests(batch):
 
 def test_analyse_checkpoint_writes_png_and_json(tmp_path):
     data_dir = tmp_path / "data"
-    pipelines.open_dataset("synthetic", data_dir, SYN)
+    ensure_prepared(data_dir, SYN)
     model = random_model(synthetic_model_config())
     config = ckpt.config_from_json({"model": synthetic_model_config().to_dict(), "loss": loss_config().to_dict()})
     ckpt.save_model(tmp_path / "ckpt", 5, ckpt.model_variables(model), config)

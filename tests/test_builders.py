@@ -264,11 +264,11 @@ def test_localization_builders(tmp_path, name, mining):
 
 
 def test_synthetic_tiny_all_splits(tmp_path):
-    from eao_jax.data import synthetic
+    from tfds_builders import synthetic
 
     path = synthetic.ensure_prepared(tmp_path, "tiny")
     ds = PreparedDataset(path)
-    spec = synthetic.SPECS["tiny"]
+    spec = synthetic.world.SPECS["tiny"]
     assert {s: ds.layout(s) for s in ds.splits} == {"train": "howto", "retrieval": "items",
                                                    "localization": "localization"}
     assert ds.num_examples("train") == spec.train_videos

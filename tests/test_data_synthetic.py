@@ -4,8 +4,9 @@ import dataclasses
 
 import numpy as np
 
-from eao_jax.data import howto, synthetic
+from eao_jax.data import howto
 from eao_jax.data import video as video_lib
+from tfds_builders.synthetic import world as synthetic
 
 
 def test_world_is_deterministic_and_shaped():

@@ -19,6 +19,7 @@ from eao_jax.defaults import loss_config, model_config
 from eao_jax.evaluation import localisation as loc_lib
 from eao_jax.evaluation import retrieval as ret_lib
 from eao_jax.model.eao import EverythingAtOnce
+from tfds_builders.synthetic import ensure_prepared
 
 SYN = "tiny"  # synthetic builder config: 32 retrieval clips, 4 localisation videos (2 tasks x 4 steps)
 
@@ -61,7 +62,7 @@ def random_model(cfg, seed: int = 0) -> EverythingAtOnce:
 @pytest.fixture(scope="module")
 def syn_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("synthetic_data")
-    pipelines.open_dataset("synthetic", d, SYN)  # prepared on first use
+    ensure_prepared(d, SYN)
     return d
 
 

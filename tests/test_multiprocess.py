@@ -29,8 +29,9 @@ import pytest
 from flax import nnx
 
 from eao_jax import checkpoint as ckpt
-from eao_jax.data import pipelines, synthetic
+from eao_jax.data import pipelines
 from eao_jax.metrics_log import read_metrics
+from tfds_builders import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.py")
@@ -225,7 +226,7 @@ def test_two_process_checkpoint_evaluates_in_one_process(runs):
         assert step == N_STEPS
         results[name] = evaluate_task(model, "synthetic", data_dir=data, tfds_config="tiny", batch_size=16,
                                       config=config)
-    assert results["A"]["num_queries"] == results["B"]["num_queries"] == synthetic.SPECS["tiny"].retrieval_items
+    assert results["A"]["num_queries"] == results["B"]["num_queries"] == synthetic.world.SPECS["tiny"].retrieval_items
     assert results["B"]["metrics"] == results["A"]["metrics"]
     assert len(results["A"]["metrics"]) == 18
     # ... and the 2-process evaluation at the end of B's training gave the same numbers.

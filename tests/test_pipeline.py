@@ -5,7 +5,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from eao_jax.data import pipelines, synthetic
+from eao_jax.data import pipelines
+from tfds_builders import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_worker_processes_match_in_process(syn_dir):
 
 
 def test_eval_batches_padded_and_sharded(syn_dir):
-    n = synthetic.SPECS["tiny"].retrieval_items
+    n = synthetic.world.SPECS["tiny"].retrieval_items
     seen = []
     shapes = set()
     n_batches = set()

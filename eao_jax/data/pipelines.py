@@ -86,36 +86,9 @@ BATCH_KEYS = ("video", "video_mask", "text", "text_mask", "audio", "audio_mask",
 
 
 def open_dataset(name: str, data_dir: str | os.PathLike, config: str | None = None) -> PreparedDataset:
-    """Opens a prepared dataset; the synthetic one is prepared on first use (multi-process runs
-    call `prepare_once` first, so that only one process writes it)."""
-    if name == "synthetic":
-        from eao_jax.data import synthetic
-
-        synthetic.ensure_prepared(data_dir, config or "default")
+    """Opens a prepared dataset (pipelines only read: preparing, the synthetic dataset's on-demand
+    one included, happens before, in `eao_jax.prepare`)."""
     return PreparedDataset.open(name, data_dir, config)
-
-
-def prepare_once(name: str, data_dir: str | os.PathLike, config: str | None = None) -> None:
-    """Prepares the synthetic dataset (the only one prepared on demand) before any process opens it.
-
-    Collective under jax.distributed: every process must call it. Process 0 prepares first while
-    the others wait at a barrier, so processes sharing a filesystem never write the same dataset
-    concurrently; on hosts with their own disks, each then prepares its local copy. Other datasets
-    are prepared beforehand with `eao_jax.prepare`: nothing to do.
-    """
-    if name != "synthetic":
-        return
-    import jax
-
-    from eao_jax.data import synthetic
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        if jax.process_index() == 0:
-            synthetic.ensure_prepared(data_dir, config or "default")
-        multihost_utils.sync_global_devices(f"eao_jax prepared synthetic/{config or 'default'}")
-    synthetic.ensure_prepared(data_dir, config or "default")
 
 
 def _features(rec: dict, use_2d: bool, use_3d: bool):

@@ -1,11 +1,11 @@
-"""The synthetic dataset (see eao_jax/data/synthetic.py for the world, splits and config sizes)."""
+"""The synthetic dataset (see world.py for the world, splits and config sizes)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from eao_jax.data import synthetic as syn
 from tfds_builders import common
+from tfds_builders.synthetic import world as syn
 
 
 def _configs() -> list[common.FeatureConfig]:

@@ -26,13 +26,13 @@ Builder configs (sizes; dims 2D 32 + 3D 32, words 16-d, 40 mel bins, audio store
             benchmark (the released HowTo100M record sizes), not for training.
 Chance levels on `retrieval`: R@k = k / n_items (default: R@10 = 2 %).
 
-`ensure_prepared(data_dir, config)` prepares it into `data_dir` when missing (the demo calls it).
+The builder (`tfds_builders.synthetic.Synthetic`) writes these splits; `ensure_prepared` in this
+package prepares them into a data_dir when missing (the demo's training run calls it first).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -236,14 +236,3 @@ def localization_videos(world: World) -> Iterator[dict]:
         ex.update(id=f"syn_loc_{i:04d}", task=f"task{t_id}", steps=step_texts[t_id], annotation=ann)
         yield ex
 
-
-def ensure_prepared(data_dir: str | os.PathLike, config: str = "default") -> str:
-    """Prepares the synthetic dataset into `data_dir` if it is not there yet; returns its directory."""
-    import tensorflow_datasets as tfds
-
-    from tfds_builders.synthetic import Synthetic
-
-    builder = Synthetic(data_dir=os.fspath(data_dir), config=config, file_format="array_record")
-    if not builder.data_path.exists():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return os.fspath(builder.data_path)
