@@ -229,3 +229,25 @@ def test_kill_and_resume_gives_the_same_batches(both_layouts, tmp_path):
     subprocess.run([sys.executable, str(script), str(both_layouts), str(state), str(got), str(6 - n_done), "1"],
                    check=True, timeout=300, env=env, capture_output=True)
     assert _same(_load_all(ref), _load_all(got))
+
+
+def test_worker_processes_build_clips_in_shared_memory():
+    """The pipeline's grain worker_init_fn switches clip allocation to shared memory (handed to the
+    training process without a copy); the training process itself allocates plain arrays."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from grain.multiprocessing import SharedMemoryArray
+        from eao_jax.data import howto
+        kw = dict(video_dim=8, text_dim=4, max_words=3, n_stft=16, n_video_tokens=2)
+        plain = howto.empty_clips(2, **kw)
+        assert all(type(a) is np.ndarray for a in plain.values())
+        howto.in_worker_process(0, 2)
+        shared = howto.empty_clips(2, **kw)
+        assert all(isinstance(a, SharedMemoryArray) for a in shared.values()), {k: type(a) for k, a in shared.items()}
+        assert shared["audio"].shape == (2, 40, 16) and shared["video"].shape == (2, 2, 8)
+        for a in shared.values():
+            a.unlink_on_del()
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -12,15 +12,10 @@ import ast
 import functools
 import pathlib
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("eao_jax", "tfds_builders")
 # Libraries whose `_src` trees are private: they move without notice between releases.
 PRIVATE_PREFIXES = ("jax._src", "jaxlib._src", "flax._src", "orbax.checkpoint._src", "grain._src")
-# Known private grain use (shared memory for batches built in worker processes); its owner
-# replaces it, and the expected failure below then flips.
-KNOWN_GRAIN_SRC = "eao_jax/data/howto.py"
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -156,16 +151,6 @@ def test_no_import_cycles_among_our_modules():
     assert found == [], "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
-def test_no_private_jax_flax_orbax_imports():
-    hits = [h for h in private_imports() if "grain._src" not in h]
+def test_no_private_library_imports():
+    hits = private_imports()
     assert hits == [], "private library imports:\n" + "\n".join(hits)
-
-
-def test_no_private_grain_imports_outside_the_known_one():
-    hits = [h for h in private_imports(("grain._src",)) if not h.startswith(KNOWN_GRAIN_SRC + ":")]
-    assert hits == [], "private grain imports:\n" + "\n".join(hits)
-
-
-@pytest.mark.xfail(strict=True, reason=f"{KNOWN_GRAIN_SRC} uses grain._src for shared-memory batches in workers")
-def test_no_private_grain_imports():
-    assert private_imports(("grain._src",)) == []

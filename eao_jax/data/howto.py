@@ -205,24 +205,27 @@ def _write(out: dict[str, np.ndarray], row: int, plan, reads: ClipReads, video, 
     return n
 
 
-def _in_grain_worker() -> bool:
-    try:
-        from grain._src.python.dataset.transformations import process_prefetch
-    except ImportError:  # grain internals moved: fall back to plain arrays
-        return False
-    return bool(getattr(process_prefetch, "_is_in_worker_process", False))
+_SHARED_MEMORY_CLIPS = False
+
+
+def in_worker_process(worker_index: int, worker_count: int) -> None:
+    """grain `worker_init_fn` of the training pipeline's worker processes: their clip arrays are
+    allocated in shared memory from now on (see `empty_clips`)."""
+    del worker_index, worker_count
+    global _SHARED_MEMORY_CLIPS
+    _SHARED_MEMORY_CLIPS = True
 
 
 def empty_clips(n: int, *, video_dim: int, text_dim: int, max_words: int = 20, n_stft: int = 768,
                 n_video_tokens: int = 12) -> dict[str, np.ndarray]:
     """Uninitialised clip arrays for n rows (the batch contract's shapes); `_write` fills every value.
 
-    In a grain worker process they are allocated in shared memory, which grain hands to the main
-    process without another copy of the batch.
+    In a grain worker process (`in_worker_process` ran) they are allocated in shared memory, which
+    grain hands to the main process without another copy of the batch.
     """
     alloc = np.empty
-    if _in_grain_worker():
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    if _SHARED_MEMORY_CLIPS:
+        from grain.multiprocessing import SharedMemoryArray
 
         alloc = SharedMemoryArray
     shapes = dict(video=(n, n_video_tokens, video_dim), video_mask=(n, n_video_tokens), text=(n, max_words, text_dim),

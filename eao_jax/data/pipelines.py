@@ -360,7 +360,8 @@ def train_dataset(config, *, process_index: int | None = None, process_count: in
         if not flags.FLAGS.is_parsed():  # grain's worker setup reads its absl flags (defaults outside an app)
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=int(_cfg(data, "prefetch", 2))))
+            num_workers=workers, per_worker_buffer_size=int(_cfg(data, "prefetch", 2))),
+            worker_init_fn=howto.in_worker_process)
     if layout != "items":
         it = it.batch(local_videos // group, drop_remainder=True, batch_fn=ConcatBatches())
     return it
