@@ -36,7 +36,6 @@ Python API (also what training calls after each evaluation interval):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -104,7 +103,7 @@ def default_tfds_config(task: str, model: EverythingAtOnce) -> str | None:
     features match model.video_dim (resnet 4096, s3d 1024, clip 512); otherwise the prepared default."""
     if task_spec(task).dataset not in RELEASED_DATASETS or "video" not in model.modalities:
         return None
-    return BACKBONE_CONFIGS.get(int(model.token_proj["video"].fc.in_features))
+    return BACKBONE_CONFIGS.get(model.input_dims["video"])
 
 
 def task_spec(task: str) -> TaskSpec:
@@ -171,35 +170,20 @@ def _state_mesh(state: Any) -> jax.sharding.Mesh | None:
     return None
 
 
-@contextlib.contextmanager
-def _audio_pooling(model: EverythingAtOnce, mode: str | None, tokens: int | None) -> Iterator[None]:
-    """Temporarily sets the model's audio pooling (static attributes read when tracing)."""
-    if mode is None or (model.audio_pooling == mode and model.audio_pooling_tokens == tokens):
-        yield
-        return
-    if model.davenet is None:
-        yield
-        return
-    old = (model.audio_pooling, model.audio_pooling_tokens)
-    model.audio_pooling, model.audio_pooling_tokens = mode, int(tokens)
-    try:
-        yield
-    finally:
-        model.audio_pooling, model.audio_pooling_tokens = old
-
-
-_FORWARD_CACHE: dict[tuple[str, bool, tuple[str, ...] | None], Any] = {}
+_FORWARD_CACHE: dict[tuple[str, bool, tuple[str, ...] | None, tuple[str, int] | None], Any] = {}
 _FORWARD_CACHE_SIZE = 8
 
 
-def _jitted_forward(graphdef: nnx.GraphDef, cross_modal: bool, outputs: tuple[str, ...] | None):
+def _jitted_forward(graphdef: nnx.GraphDef, cross_modal: bool, outputs: tuple[str, ...] | None,
+                    audio_pooling: tuple[str, int] | None = None):
     """The jitted eval forward for a model structure, reused across evaluations (periodic
     evaluations during training compile once). GraphDefs are not hashable: their repr, which
     holds every static attribute (pooling mode, eval flags), is the key."""
-    key = (repr(graphdef), cross_modal, outputs)
+    key = (repr(graphdef), cross_modal, outputs, audio_pooling)
     if key not in _FORWARD_CACHE:
         def forward(state, batch, extra):
-            out = nnx.merge(graphdef, state)(batch, cross_modal=cross_modal, late_fusion=True)
+            out = nnx.merge(graphdef, state)(batch, cross_modal=cross_modal, late_fusion=True,
+                                             audio_pooling=audio_pooling)
             out = {k: v for k, v in out.items() if outputs is None or k in outputs}
             return out, extra  # extra rows travel (and are gathered) with their embeddings
 
@@ -214,11 +198,12 @@ class Embedder:
 
     Each process passes its own rows (`local_batch_size` of them, a multiple of its data-axis
     devices); the outputs of every process are gathered, so every process gets the global rows
-    (process 0's rows first).
+    (process 0's rows first). `audio_pooling` (mode, tokens) overrides the model's own.
     """
 
     def __init__(self, model: EverythingAtOnce, *, mesh: jax.sharding.Mesh | None = None,
-                 cross_modal: bool | None = None, outputs: Sequence[str] | None = None):
+                 cross_modal: bool | None = None, outputs: Sequence[str] | None = None,
+                 audio_pooling: tuple[str, int] | None = None):
         graphdef, state = nnx.split(model)
         copy = nnx.merge(graphdef, state)  # shares the arrays; the caller's module keeps its mode
         copy.eval()
@@ -236,7 +221,7 @@ class Embedder:
         self.cross_modal = bool(cross_modal)
         self.outputs = tuple(outputs) if outputs is not None else None
         self.batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
-        self._forward = _jitted_forward(self.graphdef, self.cross_modal, self.outputs)
+        self._forward = _jitted_forward(self.graphdef, self.cross_modal, self.outputs, audio_pooling)
 
     @property
     def rows_per_process(self) -> int:
@@ -324,8 +309,8 @@ def evaluate_retrieval(model: EverythingAtOnce, task: str, *, data_dir: str | os
         raise ValueError(f"the model has positional embeddings for {CLIP_TOKENS}-token clips: evaluate it with "
                          f"--strategy=clip|nearest|max_pool|clips_average, not at once "
                          f"({s['n_video_tokens']} video tokens)")
-    with _audio_pooling(model, s["audio_pooling"], s["audio_pooling_tokens"]):
-        embedder = Embedder(model, mesh=mesh)
+    pooling = None if s["audio_pooling"] is None else (s["audio_pooling"], int(s["audio_pooling_tokens"]))
+    embedder = Embedder(model, mesh=mesh, audio_pooling=pooling)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     bs = batch_size  # items per process and step; each becomes cut_clips rows with clips_average
@@ -354,8 +339,8 @@ def evaluate_retrieval(model: EverythingAtOnce, task: str, *, data_dir: str | os
 
 
 def _check_dims(model: EverythingAtOnce, video_dim: int, text_dim: int, what: str, tfds_config: str | None) -> None:
-    want_v = model.token_proj["video"].fc.in_features if "video" in model.modalities else video_dim
-    want_t = model.token_proj["text"].fc.in_features if "text" in model.modalities else text_dim
+    want_v = model.input_dims.get("video", video_dim)
+    want_t = model.input_dims.get("text", text_dim)
     if video_dim != want_v:
         raise ValueError(f"{what} (builder config {tfds_config or 'default'}) has {video_dim}-d video tokens but the "
                          f"model expects model.video_dim={want_v}: choose the matching --tfds_config "
@@ -396,11 +381,11 @@ def _local_chunks(arrays: Mapping[str, np.ndarray], global_rows: int
 def _empty_modality(model: EverythingAtOnce, m: str, rows: int) -> dict[str, np.ndarray]:
     """A one-token (or one-DAVEnet-token) all-masked input: the model needs every modality's keys."""
     if m == "audio":
-        t = model.davenet.downsample
-        return {"audio": np.zeros((rows, model.davenet.n_mels, t), np.float32),
+        t = model.audio_downsampling
+        return {"audio": np.zeros((rows, model.input_dims["audio"], t), np.float32),
                 "audio_mask": np.zeros((rows, t), np.float32),
                 "audio_STFT_nframes": np.full((rows,), -1, np.int32)}
-    d = model.token_proj[m].fc.in_features
+    d = model.input_dims[m]
     return {m: np.zeros((rows, 1, d), np.float32), f"{m}_mask": np.zeros((rows, 1), np.float32)}
 
 
@@ -446,7 +431,7 @@ def localisation_scores(embedder: Embedder, model: EverythingAtOnce, video: Mapp
     return loc_lib.step_similarity(txt, win)
 
 
-def evaluate_localization(model: EverythingAtOnce, task: str, *, data_dir: str | os.PathLike,
+def evaluate_localisation(model: EverythingAtOnce, task: str, *, data_dir: str | os.PathLike,
                           embedding: str = DEFAULT_LOC_EMBEDDING, decoder: str = "dp",
                           log_softmax: bool | None = None, convention: str = "per_video",
                           batch_size: int = 64, tfds_config: str | None = None,
@@ -524,7 +509,7 @@ def evaluate_task(model: EverythingAtOnce, task: str, *, data_dir: str | os.Path
     else:
         if strategy not in (None, "at_once"):
             raise ValueError(f"--strategy={strategy} applies to retrieval tasks; {task!r} evaluates 1-second windows")
-        results = evaluate_localization(model, task, data_dir=data_dir, embedding=loc_embedding, decoder=decoder,
+        results = evaluate_localisation(model, task, data_dir=data_dir, embedding=loc_embedding, decoder=decoder,
                                         log_softmax=log_softmax, convention=convention, batch_size=batch_size or 64,
                                         tfds_config=tfds_config, mesh=mesh, checkpoint=checkpoint, step=step)
     ranks = results.pop("_ranks", None)

@@ -198,6 +198,30 @@ def test_text_video_only_model():
                         "video_nonempty_input_mask"}
 
 
+def test_input_dims_and_audio_downsampling():
+    tva = EverythingAtOnce(small_config(), rngs=nnx.Rngs(0))
+    assert tva.input_dims == {"video": 24, "text": 10, "audio": 40}
+    assert tva.audio_downsampling == 64  # six DAVEnet stages halve the frames
+    tv = EverythingAtOnce(small_config(modalities=("text", "video")), rngs=nnx.Rngs(0))
+    assert tv.input_dims == {"video": 24, "text": 10}
+    with pytest.raises(ValueError, match="has no audio"):
+        tv.audio_downsampling  # noqa: B018
+
+
+def test_audio_pooling_argument_equals_a_pooling_config_and_leaves_the_model_alone():
+    batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.default_rng(8), t=768).items()}
+    plain = EverythingAtOnce(small_config(), rngs=nnx.Rngs(0))
+    pooled = EverythingAtOnce(small_config(audio_pooling="max_pool", audio_pooling_tokens=3), rngs=nnx.Rngs(0))
+    plain.eval()
+    pooled.eval()
+    want = pooled(batch, cross_modal=True)
+    got = plain(batch, cross_modal=True, audio_pooling=("max_pool", 3))
+    for k in ("audio_embed", "ta_embed", "va_embed"):
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6)
+    assert np.abs(np.asarray(plain(batch)["audio_embed"]) - np.asarray(want["audio_embed"])).max() > 1e-3
+    assert (plain.audio_pooling, plain.audio_pooling_tokens) == ("none", 12)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("num_heads", 5, "not divisible by model.num_heads"),
     ("token_projection", "mlp", "model.token_projection"),

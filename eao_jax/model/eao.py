@@ -129,11 +129,40 @@ class EverythingAtOnce(nnx.Module):
         else:
             self.proj = Projection(d, cfg.projection_dim, cfg.projection, rngs=rngs, dtype=dt)
 
+    # ----------------------------------------------------------------------------------- inputs
+    @property
+    def input_dims(self) -> dict[str, int]:
+        """Feature size of each input the model takes: the last axis of `video` and `text`
+        (B, N, dim), the mel bands of `audio` (B, n_mels, T)."""
+        dims = {m: int(self.token_proj[m].fc.in_features) for m in self.modalities if m != "audio"}
+        if self.davenet is not None:
+            dims["audio"] = int(self.davenet.n_mels)
+        return dims
+
+    @property
+    def audio_downsampling(self) -> int:
+        """STFT frames per audio token (DAVEnet halves the length in each stage)."""
+        if self.davenet is None:
+            raise ValueError(f"model.modalities={self.modalities} has no audio")
+        return int(self.davenet.downsample)
+
+    def check_audio_length(self, n_frames: int) -> None:
+        """Raises ValueError for an audio length (STFT frames) the original cannot run either."""
+        if self.davenet is None:
+            raise ValueError(f"model.modalities={self.modalities} has no audio")
+        check_audio_length(n_frames, len(self.davenet.stages))
+
     # ----------------------------------------------------------------------------------- tokens
-    def embed_tokens(self, batch: Mapping[str, jax.Array]) -> tuple[dict, dict, dict]:
+    def embed_tokens(self, batch: Mapping[str, jax.Array], *, audio_pooling: tuple[str, int] | None = None
+                     ) -> tuple[dict, dict, dict]:
         """Token projection + LayerNorm per modality, the masking token in slot 0 of empty inputs,
         then positional embeddings. Returns tokens {m: (B, N_m, D)}, masks {m: (B, N_m) bool} and
-        nonempty {m: (B,) bool} (computed before the masking token is inserted)."""
+        nonempty {m: (B,) bool} (computed before the masking token is inserted).
+
+        `audio_pooling` (mode, tokens) overrides the config's model.audio_pooling /
+        audio_pooling_tokens for this call (evaluation strategies pool a trained model's audio).
+        """
+        pool_mode, pool_tokens = audio_pooling or (self.audio_pooling, self.audio_pooling_tokens)
         tokens, masks, nonempty = {}, {}, {}
         for m in self.modalities:
             for key in (m, f"{m}_mask"):
@@ -142,15 +171,15 @@ class EverythingAtOnce(nnx.Module):
             x = jnp.asarray(batch[m])
             mask = jnp.asarray(batch[f"{m}_mask"]) > 0
             if m == "audio":
-                check_audio_length(x.shape[-1], len(self.davenet.stages))  # any T the original runs
+                self.check_audio_length(x.shape[-1])  # any T the original runs
                 x = self.davenet(x.astype(self.dtype))  # (B, ceil-halved T per stage, C)
                 mask = downsample_audio_mask(mask, x.shape[1])
-                if self.audio_pooling != "none":
+                if pool_mode != "none":
                     coef = -(-batch["audio_mask"].shape[1] // x.shape[1])
                     nframes = jnp.asarray(batch.get("audio_STFT_nframes", jnp.full(x.shape[:1], -1)))
                     # The original casts nframes / coef toward zero.
                     n_tok = jnp.trunc(nframes.astype(jnp.float32) / coef).astype(jnp.int32)
-                    x, mask = pool_audio_tokens(x, mask, n_tok, self.audio_pooling_tokens, self.audio_pooling)
+                    x, mask = pool_audio_tokens(x, mask, n_tok, int(pool_tokens), pool_mode)
             chex.assert_rank(x, 3)
             chex.assert_equal_shape_prefix((x, mask), 2)
             x = self.token_norm[m](self.token_proj[m](x.astype(self.dtype)))
@@ -247,16 +276,17 @@ class EverythingAtOnce(nnx.Module):
 
     # ----------------------------------------------------------------------------------- forward
     def __call__(self, batch: Mapping[str, jax.Array], *, cross_modal: bool | None = None,
-                 late_fusion: bool = False) -> dict[str, jax.Array]:
+                 late_fusion: bool = False, audio_pooling: tuple[str, int] | None = None) -> dict[str, jax.Array]:
         """Returns float32 embeddings (B, projection_dim):
         `{m}_embed` for each modality (not normalised); with cross_modal (default: the config's),
         fused pairs `tv_embed`, `ta_embed`, `va_embed` (normalised sides averaged); with late_fusion,
         `t+v_embed`, `t+a_embed`, `v+a_embed`; and `{m}_nonempty_input_mask` (B,) bool.
+        `audio_pooling`: see `embed_tokens`.
         """
         cross_modal = self.cross_modal if cross_modal is None else cross_modal
         if cross_modal and self.per_modality_fusion:
             raise ValueError("model.fusion='per_modality' has no fused pairs; use cross_modal=False")
-        tokens, masks, nonempty = self.embed_tokens(batch)
+        tokens, masks, nonempty = self.embed_tokens(batch, audio_pooling=audio_pooling)
         out = {f"{m}_nonempty_input_mask": nonempty[m] for m in self.modalities}
 
         if self.per_modality_fusion:
