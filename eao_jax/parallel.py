@@ -65,10 +65,6 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def data_axis_size(mesh: jax.sharding.Mesh) -> int:
-    return mesh.shape[DATA_AXIS]
-
-
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
