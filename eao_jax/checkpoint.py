@@ -143,11 +143,16 @@ def save_model(directory: str | epath.Path, step: int, model_vars: dict,
     return directory
 
 
+def _read_only_options() -> ocp.CheckpointManagerOptions:
+    # Spelled out: Orbax warns about every option it has to change for a read-only manager.
+    return ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+
+
 def latest_step(directory: str | epath.Path) -> int:
     directory = checkpoint_root(directory)
     if not directory.exists():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    options = _read_only_options()
     with ocp.CheckpointManager(directory, options=options) as mngr:
         step = mngr.latest_step()
     if step is None:
@@ -158,7 +163,7 @@ def latest_step(directory: str | epath.Path) -> int:
 def restore_config(directory: str | epath.Path, step: int | None = None) -> ml_collections.ConfigDict:
     directory = checkpoint_root(directory)
     step = latest_step(directory) if step is None else step
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    options = _read_only_options()
     with ocp.CheckpointManager(directory, options=options) as mngr:
         restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return config_from_json(restored.config)
@@ -167,7 +172,7 @@ def restore_config(directory: str | epath.Path, step: int | None = None) -> ml_c
 def restore_model_variables(directory: str | epath.Path, step: int, target: dict) -> dict:
     """Restores the `model` item onto `target` (a pure dict of arrays or ShapeDtypeStructs with the
     wanted shardings)."""
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    options = _read_only_options()
     with ocp.CheckpointManager(checkpoint_root(directory), options=options) as mngr:
         restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
     return restored.model
@@ -180,7 +185,8 @@ def load_model(directory: str | epath.Path, step: int | None = None, *,
 
     `config` overrides the saved config (its model section must describe the same parameters);
     `sharding` places every variable (default: replicated on the local devices).
-    Returns (model, config, step).
+    Returns (model, config, step). Raises NonFiniteStateError naming the variables when any holds
+    NaN/Inf (embeddings, evaluations and plots of such a model would be NaN).
     """
     directory = checkpoint_root(directory)
     step = latest_step(directory) if step is None else step
@@ -192,6 +198,7 @@ def load_model(directory: str | epath.Path, step: int | None = None, *,
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           nnx.to_pure_dict(abstract_state))
     variables = restore_model_variables(directory, step, target)
+    check_finite(variables, f"refusing to use the checkpoint {directory} at step {step}")
     model = nnx.merge(graphdef, abstract_state)
     state = nnx.state(model, MODEL_VARIABLES)
     nnx.replace_by_pure_dict(state, variables)
@@ -240,7 +247,7 @@ def training_manager(directory: str | epath.Path, ckpt_cfg: ml_collections.Confi
     every = int(cfg.get("every_steps", 1000) or 0)
     keep = cfg.get("keep", None)
     if read_only:
-        options = ocp.CheckpointManagerOptions(read_only=True)
+        options = _read_only_options()
     else:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(every, 1) if every > 0 else 2**62,

@@ -12,8 +12,9 @@ Dataset-dependent checks (feature dimensions against `model.video_dim` / `text_d
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
@@ -171,14 +172,42 @@ def check_unknown_fields(config: Mapping[str, Any], reference: Mapping[str, Any]
         if key not in reference:
             if key in extra:
                 continue
-            known = ", ".join(sorted(reference.keys()))
-            where = f" of {prefix[:-1]}" if prefix else ""
-            raise ConfigError(f"{path}: unknown config field (known fields{where}: {known})")
+            raise ConfigError(_unknown_field(path, list(reference.keys()) + sorted(extra)))
         value, ref = config[key], reference[key]
         if isinstance(value, Mapping | ml_collections.ConfigDict) and path not in _FREE_FORM:
             if not isinstance(ref, Mapping | ml_collections.ConfigDict):
                 raise ConfigError(f"{path}: expected a value, got a section")
             check_unknown_fields(value, ref, prefix=f"{path}.")
+
+
+def _unknown_field(path: str, known: Iterable[str]) -> str:
+    """'<path>: unknown config field; did you mean <closest>?' (difflib), else the section's fields."""
+    prefix, _, key = path.rpartition(".")
+    known = sorted(set(known))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"{path}: unknown config field; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return f"{path}: unknown config field (fields of {prefix or 'the config'}: {', '.join(known)})"
+
+
+def unknown_field_message(path: str, reference: Mapping[str, Any] | None = None) -> str | None:
+    """The error for a dotted field path (`--config.<path>=...`) that `reference` (default:
+    `reference_config()`) does not have, naming the path and the closest real field; None when the
+    path exists (or lies in a free-form section)."""
+    node: Any = reference_config() if reference is None else reference
+    prefix = ""
+    for key in path.split("."):
+        if prefix[:-1] in _FREE_FORM:
+            return None
+        if not isinstance(node, Mapping | ml_collections.ConfigDict):
+            return f"{path}: {prefix[:-1]} is a value, not a section"
+        extra = _extra_data_fields() if prefix == "data." else set()
+        if key not in node:
+            if key in extra:
+                return None
+            return _unknown_field(prefix + key, list(node.keys()) + sorted(extra))
+        node, prefix = node[key], f"{prefix}{key}."
+    return None
 
 
 def _positive_int(cfg, section: str, field: str, *, allow: tuple[int, ...] = ()) -> int:

@@ -5,7 +5,8 @@ progress bar and the result tables, so a command logs WARNING and above unless `
 given. Orbax also logs every failure of its background save threads, each with a full traceback,
 several times per failed save; those errors always reach our code as an exception
 (`checkpoint.check_save_errors` / `wait_for_saves`), which reports them once, so they are dropped
-from the log too (`--verbosity=0` shows them again).
+from the log too (`--verbosity=0` shows them again), and so is its warning that a checkpoint is
+opened read-only.
 
 Errors: every command reports a failure as one line naming the thing that is wrong and exits with
 status 1 (`report_errors`); the traceback is shown only with `--verbosity=1` or EAO_TRACEBACK=1.
@@ -25,7 +26,10 @@ from absl import app, flags, logging
 
 class _DropOrbaxErrors(py_logging.Filter):
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return not (record.levelno >= py_logging.ERROR and "orbax" in record.pathname.replace("\\", "/"))
+        if "orbax" not in record.pathname.replace("\\", "/"):
+            return True
+        # Every read of a checkpoint (evaluate, embed, attention) would warn that it reads it read-only.
+        return record.levelno < py_logging.ERROR and not str(record.msg).startswith("Given directory is read only")
 
 
 _FILTER = _DropOrbaxErrors()

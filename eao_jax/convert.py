@@ -1,16 +1,19 @@
 """Released PyTorch checkpoint -> Orbax checkpoint of our model.
 
-  python -m eao_jax.convert --torch_checkpoint=X.pth --output=DIR [--num_heads=N]
+  python -m eao_jax.convert --torch_checkpoint=X.pth --output=DIR [--num_heads=N] [--overwrite]
 
 Every dimension and option is inferred from the state dict: depth, widths, gated vs linear
 projections, shared vs per-modality final projections, one transformer or one per modality, the
 DAVEnet layout, CLS token and positional embeddings. The head count cannot be read off the weights:
 it comes from the checkpoint's saved training config or from --num_heads. A key that cannot be
-mapped, or a parameter the model needs that the checkpoint lacks, is an error that names it.
+mapped, a parameter the model needs that the checkpoint lacks, or a tensor holding NaN/Inf values is
+an error that names it. An --output that already holds anything is refused (converting twice into one
+directory would mix two checkpoints there); --overwrite replaces an earlier convert output.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 
 from eao_jax import checkpoint
@@ -49,7 +53,9 @@ def load_torch_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, A
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ConversionError(f"cannot read torch checkpoint {path}: {e}") from e
+        msg = str(e)
+        msg = msg[len(f"{path}: "):] if msg.startswith(f"{path}: ") else msg  # the path is named once
+        raise ConversionError(f"cannot read torch checkpoint {path}: {msg}") from e
     if isinstance(ckpt, Mapping) and "state_dict" in ckpt:
         raw, config = ckpt["state_dict"], ckpt.get("config")
         meta = {k: ckpt.get(k) for k in ("arch", "epoch", "step")}
@@ -266,7 +272,7 @@ def convert_state(state: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDic
     flat_target = {tuple(str(p) for p in path): v
                    for path, v in nnx.to_flat_state(nnx.state(abstract, checkpoint.MODEL_VARIABLES))}
     filled: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, bad_shape, ignored = [], [], []
+    unexpected, bad_shape, ignored, nonfinite = [], [], [], []
     for key, value in state.items():
         if _is_ignored(key, cfg):
             ignored.append(key)
@@ -281,6 +287,8 @@ def convert_state(state: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDic
         if arr.shape != want:
             bad_shape.append(f"{key} {tuple(value.shape)} -> {'/'.join(path)} expects {want}")
             continue
+        if not np.isfinite(arr).all():  # a NaN checkpoint would only give NaN embeddings downstream
+            nonfinite.append(f"{key} ({arr.size - int(np.isfinite(arr).sum())} of {arr.size} values)")
         filled[path] = arr
     missing = sorted("/".join(p) for p in flat_target if p not in filled)
     problems = []
@@ -290,6 +298,8 @@ def convert_state(state: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDic
         problems.append("shape mismatches: " + "; ".join(bad_shape))
     if missing:
         problems.append("missing (no checkpoint key for): " + ", ".join(missing))
+    if nonfinite:
+        problems.append("tensors holding NaN or Inf: " + ", ".join(sorted(nonfinite)))
     if problems:
         raise ConversionError("cannot convert checkpoint: " + " | ".join(problems))
     if ignored:
@@ -303,8 +313,42 @@ def convert_state(state: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDic
     return nested
 
 
-def convert(torch_checkpoint: str, output: str, num_heads: int | None = None) -> ml_collections.ConfigDict:
-    """Converts a released checkpoint into an Orbax checkpoint at `output`; returns the saved config."""
+def _is_step_dir(p: epath.Path) -> bool:
+    """An Orbax step directory (finished or a temporary one of an interrupted save)."""
+    return p.is_dir() and p.name.split(".", 1)[0].isdigit()
+
+
+def check_output(output: str | os.PathLike, overwrite: bool = False) -> list[epath.Path]:
+    """Refuses an `output` that already holds anything (checked before the slow work): a second
+    checkpoint there would sit beside the first and readers take the newest step. With `overwrite`,
+    an earlier convert output (nothing but step directories) is accepted; returns its step
+    directories, to be removed once the new checkpoint is ready to be written."""
+    out = checkpoint.resolve_path(output)
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise ConversionError(f"--output {output} exists and is not a directory")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return []
+    steps = [p for p in entries if _is_step_dir(p)]
+    if not overwrite:
+        what = f"checkpoint step(s) {', '.join(p.name for p in steps)}" if steps else f"{len(entries)} entries"
+        raise ConversionError(f"--output {output} is not empty (it holds {what}): choose a new directory, or pass "
+                              "--overwrite to replace an earlier convert output")
+    others = [p.name for p in entries if not _is_step_dir(p)]
+    if others:
+        raise ConversionError(f"--output {output} holds more than a convert output ({', '.join(others[:5])}): "
+                              "refusing to overwrite it; choose a new directory")
+    return steps
+
+
+def convert(torch_checkpoint: str, output: str, num_heads: int | None = None, *,
+            overwrite: bool = False) -> ml_collections.ConfigDict:
+    """Converts a released checkpoint into an Orbax checkpoint at `output`; returns the saved config.
+
+    `overwrite` replaces an earlier convert output at `output` (see `check_output`)."""
+    old_steps = check_output(output, overwrite)
     state, torch_config, meta = load_torch_checkpoint(torch_checkpoint)
     model_cfg = infer_model_config(state, torch_config, num_heads)
     variables = convert_state(state, model_cfg)
@@ -325,6 +369,8 @@ def convert(torch_checkpoint: str, output: str, num_heads: int | None = None) ->
     config.source = ml_collections.ConfigDict({
         "torch_checkpoint": str(torch_checkpoint), "arch": str(meta.get("arch")),
         "epoch": int(meta.get("epoch") or 0), "step": int(meta.get("step") or 0)})
+    for p in old_steps:  # only now: a conversion that fails leaves the earlier output intact
+        p.rmtree()
     checkpoint.save_model(output, int(meta.get("step") or 0), variables, config)
     return config
 
@@ -332,9 +378,12 @@ def convert(torch_checkpoint: str, output: str, num_heads: int | None = None) ->
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     del argv
-    cfg = convert(FLAGS.torch_checkpoint, FLAGS.output, FLAGS.num_heads)
+    from eao_jax import console  # noqa: PLC0415
+
+    console.quiet_libraries()
+    cfg = convert(FLAGS.torch_checkpoint, FLAGS.output, FLAGS.num_heads, overwrite=FLAGS.overwrite)
     m = cfg.model
     print(f"converted {FLAGS.torch_checkpoint} -> {FLAGS.output}: modalities={tuple(m.modalities)} "
           f"embed_dim={m.embed_dim} depth={m.depth} heads={m.num_heads} projection_dim={m.projection_dim} "
@@ -345,6 +394,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("torch_checkpoint", None, "Released PyTorch checkpoint (.pth).", required=True)
     flags.DEFINE_string("output", None, "Output Orbax checkpoint directory.", required=True)
     flags.DEFINE_integer("num_heads", None, "Attention heads, when the checkpoint has no saved config.")
+    flags.DEFINE_boolean("overwrite", False, "Replace an earlier convert output at --output.")
     from eao_jax import console  # noqa: PLC0415
 
     app.run(console.report_errors("convert")(main))

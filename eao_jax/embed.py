@@ -17,7 +17,8 @@ IN holds any of `video, video_mask, text, text_mask, audio, audio_mask[, audio_S
 An item whose mask is all zero has no such modality. OUT holds the L2-normalised embeddings of every
 combination whose modalities are all in IN (`text_embed`, ..., `tv_embed`, ..., `t+v_embed`, ...),
 (B, projection_dim) each, and the `*_nonempty_input_mask` arrays (B,). The model runs in eval mode
-(BatchNorm running statistics).
+(BatchNorm running statistics). Inputs and embeddings with NaN/Inf values are refused, and so is a
+checkpoint whose weights hold any (`checkpoint.load_model`): nothing is written then.
 """
 
 from __future__ import annotations
@@ -129,7 +130,11 @@ def embed(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray], *, batch_si
             chunk = {k: np.concatenate([v, np.zeros((bs - real,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
         out = jax.device_get(forward(state, {k: jnp.asarray(v) for k, v in chunk.items()}))
         chunks.append({k: v[:real] for k, v in out.items()})
-    return {k: np.concatenate([c[k] for c in chunks]) for k in names}
+    result = {k: np.concatenate([c[k] for c in chunks]) for k in names}
+    bad = [k for k, v in result.items() if not np.isfinite(v).all()]
+    if bad:  # finite inputs were checked: the model's weights (or an overflow) made them
+        raise FloatingPointError(f"embeddings {', '.join(bad)} hold NaN or Inf values (check the model's weights)")
+    return result
 
 
 def embed_checkpoint(checkpoint_dir: str, inputs: Mapping[str, np.ndarray], *, step: int | None = None,
@@ -142,8 +147,11 @@ def embed_checkpoint(checkpoint_dir: str, inputs: Mapping[str, np.ndarray], *, s
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     del argv
+    from eao_jax import console  # noqa: PLC0415
+
+    console.quiet_libraries()
     with np.load(FLAGS.input) as f:
         inputs = {k.split("/", 1)[1] if k.startswith("input/") else k: f[k] for k in f.files}
     out = embed_checkpoint(FLAGS.checkpoint, inputs, step=FLAGS.step, batch_size=FLAGS.batch_size)

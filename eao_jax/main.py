@@ -15,7 +15,8 @@ init -> sharded init or restore (newest complete checkpoint in WORKDIR/checkpoin
 WORKDIR receives checkpoints/ (Orbax: model, opt, config, data per step), metrics.jsonl,
 tensorboard/, config.json and results/<task>.json. Rerunning the same command resumes.
 SIGTERM (or a first Ctrl-C) saves a checkpoint at the current step and exits with status 0.
-Exit status 1 with a message for config errors and non-finite losses.
+Exit status 1 with a one-line message for config errors, non-finite losses and any other error (the
+traceback with --verbosity=1 or EAO_TRACEBACK=1; eao_jax.console).
 
 Multi-process (one process per host, or per GPU): start the same command in every process with
 the coordinator settings of `eao_jax.distributed` (--coordinator_address / --num_processes /
@@ -92,12 +93,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
               file=sys.stderr)
         sys.exit(1)
     except (AttributeError, KeyError) as e:  # ml_collections: `--config.x=y` names a field that does not exist
-        msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace('\\"', '"')
+        from eao_jax.config_utils import unknown_field_message  # noqa: PLC0415
+
         names = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
-        field = next((n for n in names if f"'{n.split('.')[-1]}'" in msg), None)
-        print(f"Config error: {field or 'config'}: unknown config field ({msg})", file=sys.stderr)
+        msg = next((m for n in names if (m := unknown_field_message(n))), None)
+        if msg is None:  # every name is a real field: the config file must leave one out
+            msg = (f"{', '.join(names)}: a field the config file does not define cannot be set with --config.x=y "
+                   f"({str(e).strip(chr(39) + chr(34))})")
+        print(f"Config error: {msg}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(console.report_errors("main")(main), flags_parser=_parse_flags)

@@ -1,0 +1,146 @@
+"""Command-line errors: each bad input ends the command with exit status 1 and one line on stderr
+naming the thing that is wrong (no traceback unless EAO_TRACEBACK=1 or --verbosity=1), and no NaN
+weights or embeddings are ever written (convert refuses NaN tensors, embed a NaN checkpoint)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch_format
+
+from eao_jax import checkpoint, convert, torch_pickle
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(module: str, *args: str, cwd: pathlib.Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"eao_jax.{module}", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The command's single stderr line (asserting exit status 1 and no traceback)."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def converted(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_errors") / "tva"
+    convert.convert(str(data_dir / "tva_small.pth"), str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(data_dir):
+    with np.load(data_dir / "tva_small.npz") as z:
+        return {k: z[k] for k in z.files if k.startswith("input/")}
+
+
+# ------------------------------------------------------------------------------------------- convert
+
+
+def test_convert_text_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("this is not a checkpoint\n")
+    line = one_line_error(run("convert", "--torch_checkpoint=notes.txt", "--output=out", cwd=tmp_path))
+    assert line.startswith("convert: cannot read torch checkpoint notes.txt: not a torch.save file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_traceback_on_request(tmp_path):
+    (tmp_path / "notes.txt").write_text("this is not a checkpoint\n")
+    proc = run("convert", "--torch_checkpoint=notes.txt", "--output=out", cwd=tmp_path, env={"EAO_TRACEBACK": "1"})
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert "TorchFormatError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("convert: cannot read torch checkpoint notes.txt")
+
+
+def test_convert_twice_into_one_output(data_dir, tmp_path):
+    pth = str(data_dir / "tva_small.pth")
+    convert.convert(pth, str(tmp_path / "out"))
+    line = one_line_error(run("convert", f"--torch_checkpoint={pth}", "--output=out", cwd=tmp_path))
+    assert line == ("convert: --output out is not empty (it holds checkpoint step(s) 78000): choose a new directory, "
+                    "or pass --overwrite to replace an earlier convert output")
+    proc = run("convert", f"--torch_checkpoint={pth}", "--output=out", "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["78000"]
+    model, _, step = checkpoint.load_model(tmp_path / "out")
+    assert step == 78000 and np.isfinite(np.asarray(model.masking_token[...])).all()
+    # --overwrite replaces an earlier convert output only, never a directory holding anything else.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(convert.ConversionError, match=r"holds more than a convert output \(notes\.txt\)"):
+        convert.convert(pth, str(tmp_path / "mine"), overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_convert_refuses_nan_weights(data_dir, tmp_path):
+    ckpt = torch_pickle.load(data_dir / "tva_small.pth")
+    ckpt["state_dict"] = dict(ckpt["state_dict"])
+    bad = ckpt["state_dict"]["module.fusion.blocks.0.attn.qkv.weight"].copy()
+    bad[0, :3] = [np.nan, np.inf, np.nan]
+    ckpt["state_dict"]["module.fusion.blocks.0.attn.qkv.weight"] = bad
+    torch_format.save(ckpt, tmp_path / "nan.pth")
+    line = one_line_error(run("convert", "--torch_checkpoint=nan.pth", "--output=out", cwd=tmp_path))
+    assert line == (f"convert: cannot convert checkpoint: tensors holding NaN or Inf: fusion.blocks.0.attn.qkv.weight "
+                    f"(3 of {bad.size} values)")
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- embed
+
+
+def test_embed_zero_items(converted, inputs, tmp_path):
+    np.savez(tmp_path / "in.npz", **{k: v[:0] for k, v in inputs.items()})
+    line = one_line_error(run("embed", f"--checkpoint={converted}", "--input=in.npz", "--output=out.npz",
+                              cwd=tmp_path))
+    assert line == "embed: input holds 0 items (the leading dimension of 'text', 'video', 'audio')"
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_embed_short_audio_nframes(converted, inputs, tmp_path):
+    short = dict(inputs, **{"input/audio_STFT_nframes": inputs["input/audio_STFT_nframes"][:5]})
+    np.savez(tmp_path / "in.npz", **short)
+    line = one_line_error(run("embed", f"--checkpoint={converted}", "--input=in.npz", "--output=out.npz",
+                              cwd=tmp_path))
+    assert line == ("embed: input 'audio_STFT_nframes' has 5 values (shape (5,)), expected one per item (6)")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_embed_refuses_a_checkpoint_with_nan_weights(converted, inputs, tmp_path, monkeypatch):
+    model, config, step = checkpoint.load_model(converted)
+    variables = checkpoint.model_variables(model)
+    bias = np.array(variables["proj"]["audio"]["cg"]["bias"])
+    bias[:2] = np.nan
+    variables["proj"]["audio"]["cg"]["bias"] = bias
+    with monkeypatch.context() as m:  # written as a broken tool might: past the finite check of every save
+        m.setattr(checkpoint, "check_finite", lambda tree, what: None)
+        checkpoint.save_model(tmp_path / "nan_ckpt", step, variables, config)
+    np.savez(tmp_path / "in.npz", **inputs)
+    line = one_line_error(run("embed", "--checkpoint=nan_ckpt", "--input=in.npz", "--output=out.npz",
+                              cwd=tmp_path))
+    assert line == (f"embed: refusing to use the checkpoint {tmp_path / 'nan_ckpt'} at step 78000: 1 arrays hold NaN "
+                    "or Inf values (proj/audio/cg/bias)")
+    assert not (tmp_path / "out.npz").exists()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.nope=1", "train.nope: unknown config field (fields of train: b1, b2, epochs, eps, log_every, lr, "
+                     "lr_decay, num_steps, steps_per_epoch, use_eval_mode_always)"),
+    ("train.num_step=3", "train.num_step: unknown config field; did you mean train.num_steps?"),
+    ("model.davenet.widht=(8,)", "model.davenet.widht: unknown config field; did you mean model.davenet.width"),
+])
+def test_main_unknown_override_names_the_field(tmp_path, override, message):
+    line = one_line_error(run("main", f"--config={REPO / 'configs' / 'demo.py'}:tiny", "--workdir=w",
+                              f"--config.{override}", cwd=tmp_path))
+    assert line.startswith(f"Config error: {message}")
+    assert not (tmp_path / "w").exists()
