@@ -144,3 +144,10 @@ def test_main_unknown_override_names_the_field(tmp_path, override, message):
                               f"--config.{override}", cwd=tmp_path))
     assert line.startswith(f"Config error: {message}")
     assert not (tmp_path / "w").exists()
+
+
+def test_main_other_errors_are_one_line_too(tmp_path):
+    line = one_line_error(run("main", f"--config={REPO / 'configs' / 'demo.py'}:tiny", "--workdir=w",
+                              "--config.data.dataset=howto100m", f"--config.data.data_dir={tmp_path / 'nodata'}",
+                              "--progress_bar=false", cwd=tmp_path))
+    assert line.startswith(f"main: {tmp_path / 'nodata' / 'howto100m'}: dataset 'howto100m' is not prepared in ")
