@@ -105,6 +105,9 @@ def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.Path
             notes.append(f"removed leftovers of an interrupted prepare: {builder.removed_leftovers}")
     table_path = os.path.join(path, text_lib.WORD_VECTORS_FILE)
     if status == "exists" and word2vec is not None and not os.path.exists(table_path):
+        from tfds_builders.words import KnownWords
+
+        KnownWords.scan(word2vec)  # the checks (and messages) of a new prepare's word2vec file
         tokens = text_lib.read_tokens(os.path.join(path, text_lib.TOKENS_FILE))
         text_lib.build_word_table(word2vec, tokens).save(table_path)
         notes.append(f"added the word-vector table from {word2vec}")

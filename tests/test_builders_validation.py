@@ -285,6 +285,11 @@ def test_bad_word2vec_is_refused_before_any_video_is_read(tmp_path, monkeypatch,
     with pytest.raises(PrepareError, match=rf"^--word2vec .*w2v\.bin: {message}"):
         _prep_howto(tmp_path, word2vec=w2v)
     assert reads == [] and _no_dataset_left(tmp_path)
+    # Adding the table to an existing dataset checks the file the same way.
+    s = _prep_howto(tmp_path)
+    with pytest.raises(PrepareError, match=rf"^--word2vec .*w2v\.bin: {message}"):
+        _prep_howto(tmp_path, word2vec=w2v)
+    assert not os.path.exists(os.path.join(s["path"], "word_vectors.npz"))
 
 
 # ---------------------------------------------------------------------------------------------------
