@@ -20,10 +20,10 @@ error naming the file and the item. With --skip_bad such items are skipped and c
 a usable word are dropped from their item and counted in the report's notes; HowTo100M keeps ASR
 segments without one (their clips have no text, as in the original, also counted in the notes) and
 refuses only a video none of whose segments has a usable word. Records are written to a temporary
-directory that is renamed when complete, so an interrupted prepare leaves no half dataset; one
-prepare of a dataset config runs at a time (a lock beside it), and the temporary directories a
-killed prepare left are removed by the next one, however it is started (this command, or the
-automatic synthetic prepare of training and evaluation). Preparing again is idempotent: an
+directory that is renamed when complete, so an interrupted prepare leaves no half dataset; on a
+local --data_dir one prepare of a dataset config runs at a time (a lock beside it), and the
+temporary directories a killed prepare left are removed by the next one, however it is started
+(this command, or the automatic synthetic prepare of training and evaluation). Preparing again is idempotent: an
 existing dataset is kept; only a missing word-vector table is added when --word2vec is given.
 
 Errors end the command with one line `prepare: <message>` and exit status 1 (eao_jax.console).

@@ -186,11 +186,13 @@ class EaoBuilder(tfds.core.GeneratorBasedBuilder):
         self.removed_leftovers: list[str] = []
         super().__init__(**kwargs)
 
-    def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs) -> None:
+    def download_and_prepare(self, *, download_dir: str | os.PathLike | None = None,
+                             download_config: tfds.download.DownloadConfig | None = None, **kwargs: Any) -> None:
         """TFDS's `download_and_prepare`, after the cheap checks that would otherwise fail only at the
         end of the pass (or inside TFDS): the manual directory exists and is not empty, the word2vec
-        file reads completely. One prepare per dataset config at a time (a lock); the temporary
-        directories of a killed earlier prepare are removed first (`removed_leftovers` names them)."""
+        file reads completely. One prepare per dataset config at a time (a lock, local data_dir only);
+        the temporary directories of a killed earlier prepare are removed first under that lock
+        (`removed_leftovers` names them; on gs:// nothing is removed, a live prepare could own them)."""
         if self.MANUAL_DOWNLOAD_INSTRUCTIONS:
             self._check_manual_dir(None if download_config is None else download_config.manual_dir)
         with _prepare_lock(os.fspath(self.data_path.parent)) as locked:

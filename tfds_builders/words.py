@@ -139,7 +139,8 @@ def check_segments(segment_tokens: Sequence[Sequence[str]], texts: Sequence[str]
     unusable = sum(p is not None for p in problems)
     if problems and unusable == len(problems):
         reason = NO_KNOWN_WORDS if NO_KNOWN_WORDS in problems else NO_WORDS
-        err = bad_caption(reason, texts[0], item, file, known, "caption segment")
+        example = texts[problems.index(reason)]
+        err = bad_caption(reason, example, item, file, known, "caption segment")
         raise V.BadItem(reason, item, file, f"none of its {len(problems)} caption segments has a usable word "
                         f"(e.g. {err.detail})")
     return unusable
