@@ -32,7 +32,6 @@ from absl import app, flags
 from flax import nnx
 
 from eao_jax import checkpoint
-from eao_jax.model.audio import check_audio_length
 from eao_jax.model.eao import SHORT, EverythingAtOnce, l2_normalize
 
 
@@ -41,7 +40,7 @@ def _check_inputs(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray]) -> 
     if not present:
         raise ValueError(f"input holds none of the model's modalities {model.modalities}")
     arrays, n = {}, None
-    want_dim = {"video": model.token_proj["video"].fc.in_features, "text": model.token_proj["text"].fc.in_features}
+    want_dim = model.input_dims
     for m in present:
         x = np.asarray(inputs[m], np.float32)
         if f"{m}_mask" not in inputs:
@@ -50,10 +49,10 @@ def _check_inputs(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray]) -> 
         if x.ndim != 3:
             raise ValueError(f"input '{m}' must have 3 dimensions, got shape {x.shape}")
         if m == "audio":
-            if x.shape[1] != model.davenet.n_mels:
-                raise ValueError(f"input 'audio' must be (B, {model.davenet.n_mels}, T), got {x.shape}")
-            try:  # any length the original runs (not only multiples of model.davenet.downsample)
-                check_audio_length(x.shape[2], len(model.davenet.stages))
+            if x.shape[1] != want_dim["audio"]:
+                raise ValueError(f"input 'audio' must be (B, {want_dim['audio']}, T), got {x.shape}")
+            try:  # any length the original runs (not only multiples of model.audio_downsampling)
+                model.check_audio_length(x.shape[2])
             except ValueError as e:
                 raise ValueError(f"input 'audio': {e}") from None
             want_mask = (x.shape[0], x.shape[2])
@@ -83,8 +82,8 @@ def _check_inputs(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray]) -> 
     for m in model.modalities:
         if m not in arrays:
             if m == "audio":
-                t = model.davenet.downsample
-                arrays["audio"] = np.zeros((n, model.davenet.n_mels, t), np.float32)
+                t = model.audio_downsampling
+                arrays["audio"] = np.zeros((n, want_dim["audio"], t), np.float32)
                 arrays["audio_mask"] = np.zeros((n, t), np.float32)
                 arrays["audio_STFT_nframes"] = np.full((n,), -1, np.int32)
             else:
