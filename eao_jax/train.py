@@ -391,7 +391,6 @@ def make_train_data(config: ml_collections.ConfigDict) -> tuple[Any, int]:
     `videos_per_batch / process_count * clips_per_video` clips.
     """
     from eao_jax.data import pipelines  # noqa: PLC0415 (heavy import, only when training)
-
     from eao_jax.prepare import prepare_once  # noqa: PLC0415
 
     prepare_once(config.data.dataset, config.data.data_dir, config.data.get("tfds_config"))
