@@ -22,10 +22,13 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
-from flax import nnx
 
-from eao_jax import checkpoint
 from eao_jax.defaults import loss_config, model_config
+from eao_jax.lazy import lazy_import
+
+# Imported on first use, so that `--help` answers without loading JAX / Flax / Orbax.
+nnx = lazy_import("flax.nnx")
+checkpoint = lazy_import("eao_jax.checkpoint")
 
 # Defined by the original but never used in its forward pass: dropped on purpose.
 UNUSED_KEYS = (

@@ -24,15 +24,22 @@ checkpoint whose weights hold any (`checkpoint.load_model`): nothing is written 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
-from eao_jax import checkpoint
-from eao_jax.model.eao import SHORT, EverythingAtOnce, l2_normalize
+from eao_jax.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from eao_jax.model.eao import EverythingAtOnce
+
+# Imported on first use, so that `--help` answers without loading JAX / Flax / Orbax.
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
+nnx = lazy_import("flax.nnx")
+checkpoint = lazy_import("eao_jax.checkpoint")
+eao = lazy_import("eao_jax.model.eao")
 
 
 def _check_inputs(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray]) -> tuple[dict, int]:
@@ -98,8 +105,8 @@ def _output_names(model: EverythingAtOnce, present: set[str], cross_modal: bool)
     for i, x in enumerate(mods):
         for y in mods[i + 1:]:
             if cross_modal:
-                names.append(f"{SHORT[x]}{SHORT[y]}_embed")
-            names.append(f"{SHORT[x]}+{SHORT[y]}_embed")
+                names.append(f"{eao.SHORT[x]}{eao.SHORT[y]}_embed")
+            names.append(f"{eao.SHORT[x]}+{eao.SHORT[y]}_embed")
     return names + [f"{m}_nonempty_input_mask" for m in mods]
 
 
@@ -118,7 +125,7 @@ def embed(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray], *, batch_si
     @jax.jit
     def forward(state, batch):
         out = nnx.merge(graphdef, state)(batch, cross_modal=cross_modal, late_fusion=True)
-        return {k: (v if k.endswith("_mask") else l2_normalize(v)) for k, v in out.items() if k in names}
+        return {k: (v if k.endswith("_mask") else eao.l2_normalize(v)) for k, v in out.items() if k in names}
 
     bs = min(batch_size, n)
     chunks = []
