@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CITATION = re.compile("|".join([
     "REFERENCE" + "_FACTS",
     "JAX" + "_NOTES",
-    r"\bDESIGN\b",
+    r"\bDESI" + r"GN\b",
     "\u00a7",  # the section sign
 ]))
 
