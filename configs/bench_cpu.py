@@ -1,8 +1,9 @@
 """The CPU benchmark configuration (issue #7): a reduced EAO whose PyTorch baseline we track.
 
-The paper's model (configs/howto100m.py) with embed 1024 / 16 heads / MLP ratio 1, projection 1536,
-DAVEnet v1 (widths 128,128,256,512,1024; blocks 2,2,2,2), a batch of 32 clips with 12 video,
-20 text and 12 audio tokens (192 STFT frames), 4096-d video and 300-d text features, float32.
+The paper's model (the schema's defaults, eao_jax/defaults.py) with embed 1024 / 16 heads / MLP
+ratio 1, projection 1536, DAVEnet v1 (widths 128,128,256,512,1024; blocks 2,2,2,2), a batch of 32
+clips with 12 video, 20 text and 12 audio tokens (192 STFT frames), 4096-d video and 300-d text
+features, float32.
 
   python -m eao_jax.bench --config=configs/bench_cpu.py --steps=10
   python -m eao_jax.bench --config=configs/bench_cpu.py:tiny --steps=2     # seconds, for tests
@@ -11,23 +12,14 @@ DAVEnet v1 (widths 128,128,256,512,1024; blocks 2,2,2,2), a batch of 32 clips wi
 strided stage, the three fusion passes) at toy widths.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _howto100m():
-    # Loaded by path: config files are run from any working directory (configs/ is not a package).
-    path = pathlib.Path(__file__).with_name("howto100m.py")
-    spec = importlib.util.spec_from_file_location("_eao_howto100m_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from eao_jax.defaults import parse_arg, reference_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = _howto100m().get_config()
+    tiny = parse_arg(arg, tiny=False).tiny
+    c = reference_config()
     m = c.model
     m.embed_dim = 1024
     m.num_heads = 16
@@ -44,13 +36,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.videos_per_batch = 32  # 32 clips per step, one per video
     d.clips_per_video = 1
     d.n_video_tokens = 12
-    d.max_words = 20
     d.n_stft = 192  # 12 DAVEnet-v1 tokens (/16)
 
-    c.train.num_steps = -1
     c.mesh.data = -1
     c.mesh.fsdp = False  # one CPU device: nothing to shard
-    if arg == "tiny":
+    if tiny:
         m.embed_dim = 32
         m.num_heads = 4
         m.projection_dim = 48
@@ -62,6 +52,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d.n_video_tokens = 4
         d.max_words = 6
         d.n_stft = 16  # 4 audio tokens
-    elif arg not in (None, ""):
-        raise ValueError(f"configs/bench_cpu.py: unknown argument {arg!r} (use nothing or 'tiny')")
     return c

@@ -13,10 +13,11 @@ chance R@10 = 2 %), writes WORKDIR/results/synthetic.json and prints the table.
 
 import ml_collections
 
-from eao_jax.config_utils import reference_config
+from eao_jax.defaults import parse_arg, reference_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    tiny = parse_arg(arg, tiny=False).tiny
     c = reference_config()
     c.seed = 0
 
@@ -38,7 +39,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.videos_per_batch = 16
     d.clips_per_video = 4
     d.n_video_tokens = 12
-    d.max_words = 20
     d.n_stft = 768
     d.num_workers = 0  # in-process reading: the synthetic clips are cheap
     d.prefetch = 2
@@ -46,8 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t = c.train
     t.lr = 1e-3
     t.lr_decay = 0.9
-    t.epochs = 8
-    t.steps_per_epoch = -1  # 400 videos // 16 = 25
+    t.epochs = 8  # of 400 videos // 16 = 25 steps (train.steps_per_epoch=-1)
     t.num_steps = -1
     t.log_every = 10
 
@@ -64,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batch_size = 50
     c.eval.strategy = "at_once"
 
-    if arg == "tiny":
+    if tiny:
         m.embed_dim, m.num_heads, m.projection_dim = 32, 4, 32
         m.davenet.blocks, m.davenet.widths = (1, 1), (8, 8, 16)
         d.tfds_config = "tiny"
@@ -73,6 +72,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         t.epochs, t.steps_per_epoch, t.log_every = 1, 12, 2
         c.checkpoint.every_steps = 4
         c.eval.tasks = ()
-    elif arg:
-        raise ValueError(f"configs/demo.py takes no argument or 'tiny', got {arg!r}")
     return c

@@ -219,31 +219,29 @@ def _flops_of(compiled) -> float:
 def _prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     complete = getattr(config_utils, "complete_config", None)
     config = complete(config) if complete is not None else config
-    if config.train.steps_per_epoch == -1:  # training derives it from the dataset; so does the benchmark
-        config.train.steps_per_epoch = derived_steps_per_epoch(config)
-    return config
+    # train.steps_per_epoch=-1 resolved as training does, from the number of training videos: the
+    # synthetic dataset's is in its spec, a released dataset's is read from its prepared split when
+    # data.data_dir holds it. The value only shapes the learning-rate schedule, never the cost of a
+    # step, so without the dataset at hand one epoch is one batch.
+    n_videos = _training_videos(config)
+    return config_utils.resolve_epoch_steps(config, max(n_videos or 0, config.data.videos_per_batch))
 
 
-def derived_steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-    """train.steps_per_epoch=-1 as training resolves it (training videos // videos per batch), without
-    preparing the data: the synthetic dataset's size is in its spec, a released dataset's is read from
-    its prepared split when data.data_dir holds it. The value only shapes the learning-rate schedule,
-    never the cost of a step, so 1 is used when the dataset is not at hand."""
+def _training_videos(config: ml_collections.ConfigDict) -> int | None:
     d = config.data
-    n_videos = None
     if d.dataset == "synthetic":
         from tfds_builders.synthetic import world  # noqa: PLC0415
 
-        n_videos = world.SPECS[d.tfds_config or "default"].train_videos
-    elif d.get("data_dir"):
+        return world.SPECS[d.tfds_config or "default"].train_videos
+    if d.get("data_dir"):
         try:
             from eao_jax.data import pipelines  # noqa: PLC0415
 
-            n_videos = len(pipelines.open_dataset(d.dataset, d.data_dir, d.get("tfds_config")).source(
+            return len(pipelines.open_dataset(d.dataset, d.data_dir, d.get("tfds_config")).source(
                 d.get("split") or "train"))
         except Exception:  # not prepared here: the schedule's shape does not matter for timing
-            n_videos = None
-    return max(int(n_videos) // int(d.videos_per_batch), 1) if n_videos else 1
+            return None
+    return None
 
 
 def _mesh(config: ml_collections.ConfigDict, n_devices: int | None) -> jax.sharding.Mesh:

@@ -18,9 +18,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
 
-from eao_jax.defaults import loss_config, model_config
+from eao_jax.defaults import reference_config
 from eao_jax.loss import validate_loss_config
 from eao_jax.model.eao import validate_model_config
 from eao_jax.parallel import mesh_shape
@@ -38,93 +37,6 @@ def _eval_tasks() -> tuple[str, ...]:
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the field name."""
-
-
-def train_config() -> ml_collections.ConfigDict:
-    t = ml_collections.ConfigDict()
-    t.lr = 5e-5
-    t.b1 = 0.9
-    t.b2 = 0.999
-    t.eps = 1e-8
-    t.lr_decay = 0.9  # per epoch, staircase: lr * lr_decay ** (step // steps_per_epoch)
-    t.epochs = 15
-    t.steps_per_epoch = 5205  # -1: len(training videos) // data.videos_per_batch
-    t.num_steps = -1  # -1: epochs * steps_per_epoch; else stop after this many steps
-    t.log_every = 50
-    t.use_eval_mode_always = False  # fine-tuning: BatchNorm uses (and keeps) its running statistics
-    return t
-
-
-def mesh_config() -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict()
-    m.data = -1
-    m.model = 1
-    m.fsdp = True
-    m.fsdp_min_size = 2**18
-    return m
-
-
-def checkpoint_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.every_steps = 1000
-    c.keep = 3
-    c.async_save = True
-    return c
-
-
-def eval_config() -> ml_collections.ConfigDict:
-    e = ml_collections.ConfigDict()
-    e.every_steps = 0  # 0: only after the last step
-    e.tasks = ()
-    e.batch_size = 16
-    e.data_dir = config_dict.placeholder(str)  # TFDS data_dir of the eval datasets (default: data.data_dir)
-    e.at_end = True  # evaluate after the last step
-    # Read by eao_jax.evaluate.evaluate_model when set:
-    e.strategy = config_dict.placeholder(str)  # at_once (default) | clip | nearest | max_pool | clips_average
-    e.tfds_config = config_dict.placeholder(str)
-    e.loc_embedding = config_dict.placeholder(str)  # v+a | va
-    e.decoder = config_dict.placeholder(str)  # dp | argmax
-    return e
-
-
-def data_config() -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict()
-    d.dataset = "howto100m"
-    d.data_dir = config_dict.placeholder(str)
-    d.videos_per_batch = 224
-    d.clips_per_video = 10
-    d.n_video_tokens = 12
-    d.max_words = 20
-    d.n_stft = 768
-    d.min_time = 8.0
-    d.text_audio_misaligned = True
-    d.num_workers = 8  # grain worker processes (0: threads in the training process)
-    d.prefetch = 2  # batches per worker; also the batches kept ready on the devices
-    # Read by the data layer (eao_jax.data.pipelines) when set:
-    d.tfds_config = config_dict.placeholder(str)  # builder config (synthetic: tiny | default)
-    d.split = "train"
-    d.read_threads = 2
-    d.read_buffer = 4
-    # HowTo layouts: videos per element a reader builds (a divisor of the process's videos per batch;
-    # None: the largest one up to 16), so a worker holds tens of MB of clips rather than a batch.
-    d.worker_videos = config_dict.placeholder(int)
-    d.video_strategy = "clip"  # fine-tuning on item datasets
-    return d
-
-
-def reference_config() -> ml_collections.ConfigDict:
-    """Every known field with its default: the schema `validate_config` checks names against."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = model_config()
-    c.loss = loss_config()
-    c.data = data_config()
-    c.train = train_config()
-    c.init_from = config_dict.placeholder(str)
-    c.mesh = mesh_config()
-    c.checkpoint = checkpoint_config()
-    c.eval = eval_config()
-    return c
 
 
 def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -323,13 +235,32 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
     if c.keep is not None and (not isinstance(c.keep, int) or c.keep < 1):
         raise ConfigError(f"checkpoint.keep must be a positive integer or None (keep all), got {c.keep!r}")
     e = config.eval
-    if not isinstance(e.every_steps, int) or e.every_steps < 0:
-        raise ConfigError(f"eval.every_steps must be >= 0 (0: only at the end), got {e.every_steps!r}")
+    if not isinstance(e.every_steps, int) or e.every_steps < -1:
+        raise ConfigError(f"eval.every_steps must be >= 0 (0: only at the end) or -1 (every epoch), "
+                          f"got {e.every_steps!r}")
     tasks = _eval_tasks()
     for task in e.tasks:
         if task not in tasks:
             raise ConfigError(f"eval.tasks: unknown task {task!r}; known: {', '.join(tasks)}")
     _positive_int(e, "eval", "batch_size")
+
+
+def resolve_epoch_steps(config: ml_collections.ConfigDict, n_videos: int) -> ml_collections.ConfigDict:
+    """Fills, in place, the fields derived from the size of the training split (`n_videos` videos):
+    train.steps_per_epoch=-1 becomes n_videos // data.videos_per_batch (the original drops the last
+    partial batch) and eval.every_steps=-1 one epoch. Fields set to a number are kept. The one place
+    that derives them: training calls it once the data is open, the benchmark with the dataset's size.
+    Raises ConfigError when one batch needs more videos than the split has (a batch would repeat
+    videos as each other's negatives). Returns `config`."""
+    d, t = config.data, config.train
+    if d.videos_per_batch > n_videos:
+        raise ConfigError(f"data.videos_per_batch={d.videos_per_batch} is larger than the {n_videos} training "
+                          f"videos of {d.dataset!r} (split {d.get('split') or 'train'!r})")
+    if t.steps_per_epoch == -1:
+        t.steps_per_epoch = n_videos // d.videos_per_batch
+    if config.eval.every_steps == -1:
+        config.eval.every_steps = t.steps_per_epoch
+    return config
 
 
 def check_batch_against_model(shapes: Mapping[str, tuple[int, ...]], config: ml_collections.ConfigDict,

@@ -1,18 +1,32 @@
-"""Defaults of the paper's architecture and loss (the main TVA model of Everything at Once).
+"""The config schema: every field a training config has, each with the paper's default.
 
-Numbers come from the authors' released `configs/pretraining/everything_at_once_tva.yaml` and the
-model code. They live in the package so that tools which build a model without
-a config file (the checkpoint converter) start from the same values as `configs/howto100m.py`.
+Numbers come from the authors' released `configs/pretraining/everything_at_once_tva.yaml` (the main
+TVA model), their training code and the released evaluation configs. This module is the one home of
+those defaults: `configs/*.py` start from `reference_config()` and change only what their experiment
+changes, tools that build a model without a config file (the checkpoint converter) start from
+`model_config()`, and `config_utils.validate_config` checks field names against `reference_config()`.
+
+It also holds the two helpers config files share: `parse_arg` (the big_vision-style
+`--config=file.py:key=value,flag` argument) and `apply_overrides` (a table entry of dotted overrides).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
+from ml_collections import config_dict
+
+# Feature width of each video backbone the authors released features for (the token projection's input).
+VIDEO_DIMS = {"resnet": 4096, "s3d": 1024, "clip": 512}  # R152 2D + RX101 3D | S3D | CLIP ViT-B/32
 
 
 def model_config() -> ml_collections.ConfigDict:
     """The TVA fusion model (arch.args of everything_at_once_tva.yaml)."""
     m = ml_collections.ConfigDict()
     m.modalities = ("text", "video", "audio")  # ("text", "video") is the TV-only model
-    m.video_dim = 4096  # ResNet-152 2D (2048) + ResNeXt-101 3D (2048), L2-normalised per part
+    m.video_dim = VIDEO_DIMS["resnet"]  # ResNet-152 2D (2048) + ResNeXt-101 3D (2048), L2-normalised per part
     m.text_dim = 300  # GoogleNews word2vec
     m.embed_dim = 4096  # fusion width
     m.depth = 1  # fusion blocks; 0 = no transformer (ablation)
@@ -58,3 +72,154 @@ def loss_config() -> ml_collections.ConfigDict:
     loss.weights = ml_collections.ConfigDict(
         dict(tv=1.0, ta=0.1, va=0.1, t_va=0.1, v_ta=0.1, a_tv=0.1))
     return loss
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """HowTo100M training clips: 8-s windows sampled as the original does."""
+    d = ml_collections.ConfigDict()
+    d.dataset = "howto100m"
+    d.data_dir = config_dict.placeholder(str)  # TFDS data_dir written by `python -m eao_jax.prepare`
+    d.videos_per_batch = 224  # 224 videos x 10 clips = 2,240 clips per step
+    d.clips_per_video = 10
+    d.n_video_tokens = 12  # 8 s at 1.5 3D features/s
+    d.max_words = 20  # text tokens of a clip (training and evaluation)
+    d.n_stft = 768  # 7.68 s, exactly 12 DAVEnet-v2 tokens
+    d.min_time = 8.0
+    d.text_audio_misaligned = True  # audio shifted +4 s (the main model)
+    d.num_workers = 8  # grain worker processes (0: threads in the training process)
+    d.prefetch = 2  # batches per worker; also the batches kept ready on the devices
+    # Read by the data layer (eao_jax.data.pipelines) when set:
+    d.tfds_config = config_dict.placeholder(str)  # builder config (None: the builder's default, resnet)
+    d.split = "train"
+    d.read_threads = 2
+    d.read_buffer = 4
+    # HowTo layouts: videos per element a reader builds (a divisor of the process's videos per batch;
+    # None: the largest one up to 16), so a worker holds tens of MB of clips rather than a batch.
+    d.worker_videos = config_dict.placeholder(int)
+    d.video_strategy = "clip"  # fine-tuning on item datasets
+    return d
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """Adam 5e-5, x0.9 per epoch, 15 epochs; no weight decay, warm-up or clipping."""
+    t = ml_collections.ConfigDict()
+    t.lr = 5e-5
+    t.b1 = 0.9
+    t.b2 = 0.999
+    t.eps = 1e-8
+    t.lr_decay = 0.9  # per epoch, staircase: lr * lr_decay ** (step // steps_per_epoch)
+    t.epochs = 15
+    # -1: derived from the dataset, training videos // data.videos_per_batch (drop_last, as the
+    # original; HowTo100M's 1,166,089 videos // 224 = 5205), by config_utils.resolve_epoch_steps.
+    t.steps_per_epoch = -1
+    t.num_steps = -1  # -1: epochs * steps_per_epoch; else stop after this many steps
+    t.log_every = 50
+    t.use_eval_mode_always = False  # fine-tuning: BatchNorm uses (and keeps) its running statistics
+    return t
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """Data axis over all devices; FSDP shards the large matrices over it."""
+    m = ml_collections.ConfigDict()
+    m.data = -1  # -1: all devices not used by other axes
+    m.model = 1
+    m.fsdp = True
+    m.fsdp_min_size = 2**18  # parameters with fewer elements stay replicated
+    return m
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.every_steps = 1000
+    c.keep = 3
+    c.async_save = True
+    return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    e.every_steps = 0  # 0: only after the last step; -1: after every epoch (train.steps_per_epoch)
+    e.tasks = ()
+    e.batch_size = 16
+    e.data_dir = config_dict.placeholder(str)  # TFDS data_dir of the eval datasets (default: data.data_dir)
+    e.at_end = True  # evaluate after the last step
+    # Read by eao_jax.evaluate.evaluate_model when set:
+    e.strategy = config_dict.placeholder(str)  # at_once (default) | clip | nearest | max_pool | clips_average
+    e.tfds_config = config_dict.placeholder(str)
+    e.loc_embedding = config_dict.placeholder(str)  # v+a | va
+    e.decoder = config_dict.placeholder(str)  # dp | argmax
+    # "At once" (the paper's main setting): a whole test clip in one pass, with room for the longest
+    # clips of the split: MSR-VTT 32 s, YouCook2 48 s (video tokens at 1.5/s, STFT frames at 100/s).
+    e.at_once = ml_collections.ConfigDict({
+        "msrvtt": {"n_video_tokens": 48, "n_stft": 3072},
+        "youcook2": {"n_video_tokens": 72, "n_stft": 4608},
+        "synthetic": {"n_video_tokens": 48, "n_stft": 3072},
+    })
+    return e
+
+
+def reference_config() -> ml_collections.ConfigDict:
+    """Every known field with its default: the paper's main TVA model and its HowTo100M pre-training."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_config()
+    c.loss = loss_config()
+    c.data = data_config()
+    c.train = train_config()
+    c.init_from = config_dict.placeholder(str)  # converted or earlier checkpoint to start from
+    c.mesh = mesh_config()
+    c.checkpoint = checkpoint_config()
+    c.eval = eval_config()
+    return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers of the config files
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+    """A config file's argument (`--config=FILE.py:ARG`), big_vision style: ARG is comma-separated
+    `key=value` items, or a bare `key` for a boolean (True). `spec` names every key with its default;
+    a value is converted to its default's type (bool: true/false/1/0). Raises ValueError naming an
+    unknown key (and the known ones) or a value of the wrong type."""
+    args = ml_collections.ConfigDict(spec)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, eq, value = item.partition("=")
+        if key not in spec:
+            raise ValueError(f"config argument {item!r}: unknown key {key!r}; known: "
+                             + ", ".join(f"{k}={v!r}" for k, v in spec.items()))
+        default = spec[key]
+        if isinstance(default, bool):
+            if eq and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {item!r}: {key} takes true or false")
+            args[key] = not eq or value.lower() in ("true", "1")
+        elif not eq:
+            raise ValueError(f"config argument {item!r}: expected {key}=VALUE")
+        else:
+            try:
+                args[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"config argument {item!r}: {key} takes a value of type "
+                                 f"{type(default).__name__}") from None
+    return args
+
+
+def apply_overrides(config: ml_collections.ConfigDict, *tables: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Sets each `{"section.field": value}` of `tables` in `config` (in place; returned). Every field
+    must exist; two tables that set one field to different values are an error, so that combining
+    variants never silently drops one of them."""
+    merged: dict[str, Any] = {}
+    for table in tables:
+        for path, value in table.items():
+            if path in merged and merged[path] != value:
+                raise ValueError(f"{path}: set to {merged[path]!r} and to {value!r} by the combined variants")
+            merged[path] = value
+    for path, value in merged.items():
+        *parents, field = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if field not in node:
+            raise KeyError(f"{path}: not a config field")
+        node[field] = value
+    return config

@@ -6,7 +6,7 @@ r"""Training entry point.
 
 The config file is an ml_collections `get_config()`; `--config.x=y` overrides any field (the
 config is locked: an unknown field is an error). Fields a config file leaves out take the
-defaults of `eao_jax.config_utils.reference_config()`.
+defaults of the schema, `eao_jax.defaults.reference_config()`.
 
 Sections: distributed init -> config check -> (train.train_and_evaluate:) mesh -> data -> abstract
 init -> sharded init or restore (newest complete checkpoint in WORKDIR/checkpoints, else

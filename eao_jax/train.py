@@ -52,6 +52,7 @@ from eao_jax.config_utils import (
     RESUME_MAY_CHANGE,
     ConfigError,
     check_batch_against_model,
+    resolve_epoch_steps,
     resume_differences,
     validate_config,
 )
@@ -526,16 +527,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     # --------------------------------------------------------------------------- Data
     train_iter, n_videos = make_train_data(config)
-    if config.train.steps_per_epoch == -1:
-        spe = n_videos // config.data.videos_per_batch
-        if spe < 1:
-            raise ConfigError(f"data.videos_per_batch={config.data.videos_per_batch} is larger than the "
-                              f"{n_videos} training videos (train.steps_per_epoch=-1 derives 0 steps)")
-        config.train.steps_per_epoch = spe
-    elif config.data.videos_per_batch > n_videos:  # a batch would repeat videos as each other's negatives
-        raise ConfigError(f"data.videos_per_batch={config.data.videos_per_batch} is larger than the {n_videos} "
-                          f"training videos of {config.data.dataset!r} (split "
-                          f"{config.data.get('split') or 'train'!r})")
+    resolve_epoch_steps(config, n_videos)  # train.steps_per_epoch / eval.every_steps = -1: from the data
     num_steps = total_steps(config)
     clips_per_step = config.data.videos_per_batch * config.data.clips_per_video
 

@@ -29,8 +29,10 @@ def test_shipped_configs_are_valid(name, arg, n_devices):
 
 
 def test_complete_config_fills_missing_fields_and_keeps_given_ones():
-    c = load_config("howto100m")  # has no train.num_steps, eval.at_end, data.tfds_config
-    assert "num_steps" not in c.train
+    # A config file that leaves out train.num_steps, eval.at_end and data.tfds_config.
+    c = load_config("howto100m").to_dict()
+    del c["train"]["num_steps"], c["eval"]["at_end"], c["data"]["tfds_config"]
+    c = ml_collections.ConfigDict(c)
     full = complete_config(c)
     assert full.train.num_steps == -1 and full.eval.at_end is True and full.data.tfds_config is None
     assert full.train.lr == c.train.lr and full.data.videos_per_batch == 224

@@ -24,7 +24,7 @@ BASH = shutil.which("bash")
 
 TPU_ENV = {
     "TPU_NAME": "eao-pod", "ZONE": "us-central2-b", "PROJECT": "my-proj", "ACCELERATOR_TYPE": "v4-32",
-    "RUNTIME_VERSION": "tpu-ubuntu2204-base", "CONFIG": "configs/howto100m.py:tiny",
+    "RUNTIME_VERSION": "tpu-ubuntu2204-base", "CONFIG": "configs/howto100m.py:variant=cls_token,backbone=s3d",
     "WORKDIR": "gs://bucket/eao", "EVAL_TASK": "youcook2", "CHECKPOINT": "gs://bucket/eao",
 }
 LOCATION = ["--zone=us-central2-b", "--project=my-proj"]
@@ -168,8 +168,9 @@ def test_train_runs_main_on_all_workers(sandbox):
     tokens = words(remote_command(ssh))
     i = tokens.index("-m")
     assert tokens[i - 1] == "../eao_venv/bin/python"
-    assert tokens[i + 1:i + 7] == ["eao_jax.main", "--config=configs/howto100m.py:tiny", "--workdir=gs://bucket/eao",
-                                  "--config.data.data_dir=gs://bucket/tfds", "--config.train.lr=1e-4", tricky]
+    assert tokens[i + 1:i + 7] == ["eao_jax.main", "--config=configs/howto100m.py:variant=cls_token,backbone=s3d",
+                                  "--workdir=gs://bucket/eao", "--config.data.data_dir=gs://bucket/tfds",
+                                  "--config.train.lr=1e-4", tricky]
     assert "XLA_FLAGS=--xla_dump_to=/tmp/d" in tokens[:i]
     assert "../eao_logs/train.log" in tokens and "../eao_logs/train.pid" in tokens  # detached, log + pid file
     assert not marker.exists()
