@@ -24,14 +24,10 @@ from eao_jax.loss import validate_loss_config
 from eao_jax.model.eao import validate_model_config
 from eao_jax.parallel import mesh_shape
 
-EVAL_TASKS = ("msrvtt", "youcook2", "crosstask", "mining_youtube", "synthetic", "synthetic_localization")
-
 
 def _eval_tasks() -> tuple[str, ...]:
-    try:
-        from eao_jax.evaluate import TASKS  # noqa: PLC0415 (the evaluator's registry when present)
-    except ImportError:
-        return EVAL_TASKS
+    from eao_jax.evaluate import TASKS  # noqa: PLC0415 (the evaluator's registry, only when checking)
+
     return tuple(TASKS)
 
 
@@ -65,26 +61,14 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 _FREE_FORM = ("loss.weights",)
 
 
-def _extra_data_fields() -> set[str]:
-    """Fields the data layer declares beyond `data_config()` (it may add its own)."""
-    try:
-        from eao_jax.data import pipelines  # noqa: PLC0415 (optional, written separately)
-    except ImportError:
-        return set()
-    return set(getattr(pipelines, "DATA_CONFIG_FIELDS", ()))
-
-
 def check_unknown_fields(config: Mapping[str, Any], reference: Mapping[str, Any] | None = None,
                          prefix: str = "") -> None:
     """Raises ConfigError naming the first field of `config` that `reference` does not have."""
     reference = reference_config() if reference is None else reference
-    extra = _extra_data_fields() if prefix == "data." else set()
     for key in config.keys():
         path = f"{prefix}{key}"
         if key not in reference:
-            if key in extra:
-                continue
-            raise ConfigError(_unknown_field(path, list(reference.keys()) + sorted(extra)))
+            raise ConfigError(_unknown_field(path, reference.keys()))
         value, ref = config[key], reference[key]
         if isinstance(value, Mapping | ml_collections.ConfigDict) and path not in _FREE_FORM:
             if not isinstance(ref, Mapping | ml_collections.ConfigDict):
@@ -113,11 +97,8 @@ def unknown_field_message(path: str, reference: Mapping[str, Any] | None = None)
             return None
         if not isinstance(node, Mapping | ml_collections.ConfigDict):
             return f"{path}: {prefix[:-1]} is a value, not a section"
-        extra = _extra_data_fields() if prefix == "data." else set()
         if key not in node:
-            if key in extra:
-                return None
-            return _unknown_field(prefix + key, list(node.keys()) + sorted(extra))
+            return _unknown_field(prefix + key, node.keys())
         node, prefix = node[key], f"{prefix}{key}."
     return None
 
