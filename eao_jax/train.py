@@ -641,6 +641,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 took = time.perf_counter() - t_compile
                 logger.log_event(step, f"first step (compilation included) took {took:.1f} s")
                 window.t0 = time.perf_counter()  # throughput excludes compilation
+                logger.start_timing()  # and so does the progress bar's ETA
                 first = False
 
             preempted = stop.is_set() or mngr.reached_preemption(step)
