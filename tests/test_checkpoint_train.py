@@ -2,7 +2,9 @@
 shardings; the `model` item keeps the converter/evaluator layout."""
 
 import json
+import re
 
+import checkpoint_damage
 import jax
 import numpy as np
 import pytest
@@ -166,3 +168,26 @@ def test_a_damaged_only_step_says_what_to_delete(setup, tmp_path):
                              rf"{root / '4'} to start this run from scratch$"):
         ckpt.restore_newest_training(mngr, **targets)
     mngr.close()
+
+
+@pytest.mark.parametrize("how", checkpoint_damage.KINDS)
+def test_a_damaged_only_step_of_each_kind_says_what_to_delete(setup, tmp_path, how):
+    c, mesh, abstract, shardings = setup
+    targets = dict(model_target=train._targets(abstract["model"], shardings["model"]),
+                   opt_target=train._targets(abstract["opt"], shardings["opt"]))
+    root = tmp_path / "checkpoints"
+    mngr = ckpt.training_manager(root, c.checkpoint)
+    values = jax.device_put(random_state(abstract, 3), nnx.to_pure_dict(shardings))
+    ckpt.save_training(mngr, 3, model_vars=values["model"], opt_vars=values["opt"], config=c,
+                       data_state=ckpt.IteratorSnapshot({"next_index": 3}), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    checkpoint_damage.corrupt(root / "3", how)
+    mngr = ckpt.training_manager(root, c.checkpoint)  # as a rerun of the training opens it
+    with pytest.raises(ckpt.CheckpointRestoreError,
+                       match=rf"^checkpoint step 3 in {re.escape(str(root))} cannot be restored "
+                             rf"\({re.escape(checkpoint_damage.REASONS[how])}.*\) and there is no earlier step: "
+                             rf"delete {re.escape(str(root / '3'))} to start this run from scratch$"):
+        ckpt.restore_newest_training(mngr, **targets)
+    mngr.close()
+    assert (root / "3").is_dir()  # refusing deletes nothing

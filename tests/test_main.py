@@ -1,22 +1,27 @@
-"""`python -m eao_jax.main` as a subprocess on the tiny synthetic config: resume after SIGKILL reaches
-the same parameters as an uninterrupted run, SIGTERM leaves a complete checkpoint, a diverging run
-stops without saving non-finite state, and config errors fail before compilation."""
+"""`python -m eao_jax.main` as a subprocess on the tiny synthetic config: resume after SIGKILL, or over damaged
+newest checkpoints, or after a full disk, reaches the same parameters as one uninterrupted reference run;
+SIGTERM leaves a complete checkpoint; a non-finite loss or update is never saved (periodic, final and SIGTERM
+saves); a full disk never hangs the run; a resumed run's metrics never overlap an earlier run's; config
+errors fail before compilation."""
 
+import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import checkpoint_damage
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from eao_jax import checkpoint as ckpt
-from eao_jax.metrics_log import read_metrics
+from eao_jax.metrics_log import read_metrics, read_scalars
 from eao_jax.model.eao import EverythingAtOnce
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -74,14 +79,31 @@ def _wait_for(predicate, proc, timeout, what):
 
 
 N_STEPS, EVERY = 80, 8
+REF_EVERY = 4  # the reference run keeps a checkpoint every 4 steps: the parameters any shorter run must reach
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(shared, tmp_path):
+@pytest.fixture(scope="module")
+def reference(shared, tmp_path_factory):
+    """One uninterrupted run of N_STEPS (checkpoints every REF_EVERY steps, all kept; metrics every 4 steps)
+    for every test of the module that compares a resumed run's parameters with an uninterrupted one's."""
+    work = tmp_path_factory.mktemp("reference") / "ref"
+    res = _run(shared, work, f"--config.train.num_steps={N_STEPS}", f"--config.checkpoint.every_steps={REF_EVERY}",
+               "--config.checkpoint.keep=100", "--config.train.log_every=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work
+
+
+def _assert_params_equal(workdir, reference, step):
+    got_step, got = _final_params(workdir)
+    assert got_step == step
+    _, want = _final_params(reference, step)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(shared, reference, tmp_path):
     common = (f"--config.train.num_steps={N_STEPS}", f"--config.checkpoint.every_steps={EVERY}",
               "--config.train.log_every=5")
-    ref = _run(shared, tmp_path / "ref", *common)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-
     work = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(shared, work, *common), cwd=REPO, env=_env(shared),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -98,13 +120,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(shared, tmp_path):
     events = [r["message"] for r in read_metrics(work, "event")]
     assert any(m.startswith("resumed from") for m in events), events
 
-    step_ref, p_ref = _final_params(tmp_path / "ref")
-    step_res, p_res = _final_params(work)
-    assert step_ref == step_res == N_STEPS
-    for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_res), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    _assert_params_equal(work, reference, N_STEPS)
+    _, p_ref = _final_params(reference, N_STEPS)
     # The runs did train: the parameters moved away from the initialisation.
-    config = ckpt.restore_config(tmp_path / "ref" / "checkpoints", N_STEPS)
+    config = ckpt.restore_config(reference / "checkpoints", N_STEPS)
     init = ckpt.model_variables(EverythingAtOnce(config.model, rngs=nnx.Rngs(config.seed)))
     moved = [float(np.abs(a - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(init),
                                                                     strict=True)]
@@ -174,6 +193,149 @@ def test_config_errors_fail_before_compiling(shared, tmp_path, overrides, field)
     assert time.time() - t0 < 60
 
 
+@pytest.fixture(scope="module")
+def absurd_moments(reference, tmp_path_factory):
+    """A workdir whose only checkpoint is the reference's step 4 with every Adam first moment set to 3e38:
+    finite (it saves), but the next update overflows while the loss and the gradient stay finite."""
+    from eao_jax import train  # noqa: PLC0415
+
+    src = reference / "checkpoints"
+    config = ckpt.restore_config(src, 4)
+    _, abstract = train.abstract_train_state(config)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), nnx.to_pure_dict(abstract))
+    mngr = ckpt.training_manager(src, read_only=True)
+    model, opt, snapshot = ckpt.restore_training(mngr, 4, model_target=target["model"], opt_target=target["opt"])
+    mngr.close()
+    opt = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.full_like(x, 3e38) if "mu" in [str(getattr(k, "key", "")) for k in p] else np.asarray(x),
+        jax.device_get(opt))
+    work = tmp_path_factory.mktemp("absurd") / "work"
+    mngr = ckpt.training_manager(work / "checkpoints", config.checkpoint)
+    assert ckpt.save_training(mngr, 4, model_vars=jax.device_get(model), opt_vars=opt, config=config,
+                              data_state=snapshot, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    return work
+
+
+@pytest.mark.parametrize("save_path", ["periodic", "final", "sigterm"])
+def test_a_non_finite_update_is_never_saved(shared, absurd_moments, tmp_path, save_path):
+    # Resumed at step 4, step 5's update is non-finite (a finite loss and gradient): the step is skipped on
+    # device and the run stops at the next save (or check) without saving, whichever save comes first.
+    import shutil  # noqa: PLC0415
+
+    work = tmp_path / "work"
+    shutil.copytree(absurd_moments, work)
+    if save_path == "sigterm":
+        proc = subprocess.Popen(_cmd(shared, work, "--config.train.num_steps=1000000",
+                                     "--config.checkpoint.every_steps=0", "--config.train.log_every=1000000"),
+                                cwd=REPO, env=_env(shared), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics = work / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and "first step (compilation included)" in metrics.read_text(), proc, 240,
+                  "the first step")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        rc = proc.returncode
+    else:
+        steps = {"periodic": ("--config.train.num_steps=12", "--config.checkpoint.every_steps=1"),
+                 "final": ("--config.train.num_steps=6", "--config.checkpoint.every_steps=0")}[save_path]
+        res = _run(shared, work, *steps, "--config.train.log_every=1000")
+        rc, err = res.returncode, res.stderr
+    assert rc == 1, err[-3000:]
+    assert ("Training stopped: non-finite update (parameters or optimizer state after a finite gradient) at step 5 "
+            in err), err[-3000:]
+    assert f"the last checkpoint is step 4 in {work / 'checkpoints'}" in err
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["4"]
+    assert not any(r["message"].startswith("stop requested") for r in read_metrics(work, "event"))
+
+
+@contextlib.contextmanager
+def _full_filesystem(path: pathlib.Path, size: str):
+    """A tmpfs of `size` mounted at `path` (True), or False where mounting needs privileges this user lacks."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                 capture_output=True).returncode == 0
+    except FileNotFoundError:  # no mount command
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+# Without a tmpfs: every file opened for writing under tensorboard/ is /dev/full (writes fail with ENOSPC).
+_TB_ON_DEV_FULL = """
+import builtins, os, runpy
+_open = builtins.open
+def _open_full(file, mode="r", *args, **kwargs):
+    if isinstance(file, str | os.PathLike) and "/tensorboard/" in os.fspath(file) and set(mode) & set("wxa"):
+        _open(file, "wb").close()
+        return _open("/dev/full", "wb", *args, **kwargs)
+    return _open(file, mode, *args, **kwargs)
+builtins.open = _open_full
+runpy.run_module("eao_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_full_tensorboard_disk_is_reported_and_training_goes_on(shared, reference, tmp_path):
+    # tensorboardX's writer thread died of ENOSPC here and the training thread then waited forever on its full
+    # queue (SIGTERM ignored). Now: one line naming the file, TensorBoard dropped, the run ends as usual.
+    work = tmp_path / "work"
+    args = ("--config.train.num_steps=24", f"--config.checkpoint.every_steps={REF_EVERY}", "--config.train.log_every=1")
+    with _full_filesystem(work / "tensorboard", "64k") as mounted:
+        cmd = _cmd(shared, work, *args)
+        if mounted:
+            subprocess.run(["dd", "if=/dev/zero", f"of={work / 'tensorboard' / 'fill'}", "bs=64k", "count=2"],
+                           capture_output=True)
+        else:
+            cmd[1:3] = ["-c", _TB_ON_DEV_FULL]
+        t0 = time.time()
+        res = subprocess.run(cmd, cwd=REPO, env=_env(shared), capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert time.time() - t0 < 90
+    lines = [x for x in res.stderr.splitlines() if x.startswith("metrics: ")]
+    assert len(lines) == 1, res.stderr[-3000:]
+    assert re.fullmatch(rf"metrics: writing {re.escape(str(work / 'tensorboard'))}/events\.out\.tfevents\.\S+ failed "
+                        r"\(No space left on device\); TensorBoard logging is off for the rest of the run \(training "
+                        r"goes on\)", lines[0]), lines[0]
+    assert [r["step"] for r in read_metrics(work, "train")] == list(range(1, 25))  # metrics.jsonl goes on
+    _assert_params_equal(work, reference, 24)  # and so does training
+
+
+def test_a_full_workdir_disk_stops_the_run_cleanly_and_earlier_checkpoints_restore(shared, reference, tmp_path):
+    # The whole workdir on a 1.6 MB tmpfs: room for two ~0.7 MB checkpoints. The metrics files and then the
+    # checkpoint save hit ENOSPC; the run must stop in bounded time with one message, never hang.
+    import shutil  # noqa: PLC0415
+
+    work = tmp_path / "work"
+    args = ("--config.train.num_steps=80", f"--config.checkpoint.every_steps={REF_EVERY}",
+            "--config.train.log_every=1")
+    with _full_filesystem(work, "1600k") as mounted:
+        if not mounted:
+            pytest.skip("mounting a tmpfs needs root (the full TensorBoard disk test covers the hang without one)")
+        res = _run(shared, work, *args, timeout=120)
+        copy = tmp_path / "copy"
+        shutil.copytree(work, copy, symlinks=True)
+    assert res.returncode == 1, res.stderr[-3000:]
+    stopped = [x for x in res.stderr.splitlines() if x.startswith("Training stopped: ")]
+    assert len(stopped) == 1, res.stderr[-3000:]
+    assert re.match(rf"Training stopped: saving (step \d+|a checkpoint) in {re.escape(str(work / 'checkpoints'))} "
+                    r"failed: .*No space left on device", stopped[0]), stopped[0]
+    for name in ("metrics.jsonl", "TensorBoard logging"):  # each reported at most once
+        assert res.stderr.count(f"; {name} is off for the rest of the run") <= 1
+    # The checkpoints written before the disk filled restore, and training resumes from them (elsewhere) to the
+    # parameters of the uninterrupted run.
+    saved = ckpt.latest_step(copy / "checkpoints")
+    assert REF_EVERY <= saved < 80
+    res = _run(shared, copy, *args[1:], f"--config.train.num_steps={saved + REF_EVERY}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {copy / 'checkpoints'}/{saved}" in res.stderr
+    _assert_params_equal(copy, reference, saved + REF_EVERY)
+
+
 def test_init_from_loads_model_variables_with_a_fresh_optimizer(shared, tmp_path):
     from eao_jax import config_utils  # noqa: PLC0415
 
@@ -219,75 +381,84 @@ def _load_demo_tiny():
     return module.get_config("tiny")
 
 
-def _corrupt(step_dir: pathlib.Path, how: str) -> None:
+# Steps 28..8 of the reference run each damaged in one way; step 4 intact.
+CORRUPTIONS = dict(zip(range(28, 7, -4), checkpoint_damage.KINDS, strict=True))
+
+
+def test_damaged_newest_checkpoints_are_skipped_and_the_run_ends_as_an_uninterrupted_one(shared, reference, tmp_path):
     import shutil  # noqa: PLC0415
 
-    if how == "truncated array file":
-        f = max((step_dir / "model" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
-        os.truncate(f, 100)
-    elif how == "missing manifest":
-        (step_dir / "model" / "manifest.ocdbt").unlink()
-    elif how == "missing item":
-        shutil.rmtree(step_dir / "opt")
-    elif how == "empty step directory":
-        shutil.rmtree(step_dir)
-        step_dir.mkdir()
-    elif how == "missing data iterator file":
-        (step_dir / "data" / "process_0-of-1.json").unlink()
-    elif how == "truncated data iterator file":
-        os.truncate(step_dir / "data" / "process_0-of-1.json", 3)
-
-
-CORRUPTIONS = {7: "truncated array file", 6: "missing manifest", 5: "missing item", 4: "empty step directory",
-               3: "missing data iterator file", 2: "truncated data iterator file"}
-
-
-def test_damaged_newest_checkpoints_are_skipped_and_the_run_ends_as_an_uninterrupted_one(shared, tmp_path):
-    import shutil  # noqa: PLC0415
-
-    common = ("--config.train.num_steps=8", "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=20",
-              "--config.train.log_every=4")
-    ref = _run(shared, tmp_path / "ref", *common)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    # The reference workdir (checkpoints, metrics.jsonl, TensorBoard up to step 80) cut back to step 28, as a
+    # run that logged to 80 but whose checkpoints after 4 are all damaged.
     work = tmp_path / "damaged"
-    shutil.copytree(tmp_path / "ref" / "checkpoints", work / "checkpoints")
-    shutil.rmtree(work / "checkpoints" / "8")
-    for step, how in CORRUPTIONS.items():  # steps 7..2 each damaged in one way; step 1 intact
-        _corrupt(work / "checkpoints" / str(step), how)
+    shutil.copytree(reference, work)
+    for p in (work / "checkpoints").glob("[0-9]*"):
+        if int(p.name) > 28:
+            shutil.rmtree(p)
+    for step, how in CORRUPTIONS.items():
+        checkpoint_damage.corrupt(work / "checkpoints" / str(step), how)
     # A lock file left by a dead training (its pid no longer runs) does not block.
     (work / ".lock").write_text(json.dumps({"pid": 2**22 + 17, "host": "gone", "since": 0}) + "\n")
 
+    common = ("--config.train.num_steps=32", f"--config.checkpoint.every_steps={REF_EVERY}",
+              "--config.checkpoint.keep=100", "--config.train.log_every=4")
     res = _run(shared, work, *common)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = [r["message"] for r in read_metrics(work, "event") if r["message"].startswith("resumed from")]
-    assert len(resumed) == 1 and resumed[0].startswith(f"resumed from {work / 'checkpoints'}/1 after skipping"), resumed
-    for step, why in {7: "restoring it failed", 6: "model/manifest.ocdbt is missing", 5: "item 'opt' is missing",
-                      4: "the step directory is empty", 3: "data/ holds no data iterator state",
-                      2: "data/process_0-of-1.json is not a readable data iterator state"}.items():
-        assert f"step {step}: {why}" in resumed[0], (step, resumed[0])
+    assert len(resumed) == 1 and resumed[0].startswith(f"resumed from {work / 'checkpoints'}/4 after skipping"), resumed
+    for step, how in CORRUPTIONS.items():
+        assert f"step {step}: {checkpoint_damage.REASONS[how]}" in resumed[0], (step, resumed[0])
     assert sorted(int(p.name) for p in (work / "corrupt_checkpoints").iterdir()) == sorted(CORRUPTIONS)
-    step_ref, p_ref = _final_params(tmp_path / "ref")
-    step_res, p_res = _final_params(work)
-    assert step_ref == step_res == 8
-    for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_res), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    _assert_params_equal(work, reference, 32)
+
+    # The metrics of the reference run after step 4 were moved aside: every step is logged once, by the run
+    # that produced the checkpoints, in metrics.jsonl and in TensorBoard alike.
+    train = [(r["step"], r["loss"]) for r in read_metrics(work, "train")]
+    assert [s for s, _ in train] == list(range(4, 33, 4))
+    tb = read_scalars(work)["train/loss"]
+    assert [s for s, _ in tb] == [s for s, _ in train]
+    assert [v for _, v in tb] == pytest.approx([v for _, v in train], rel=1e-6)  # float32 in TensorBoard
+    ref_loss = {r["step"]: r["loss"] for r in read_metrics(reference, "train")}
+    assert [loss for _, loss in train] == pytest.approx([ref_loss[s] for s, _ in train], abs=1e-5)
+    superseded = [json.loads(x) for x in (work / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in superseded if r["kind"] == "train"] == list(range(8, N_STEPS + 1, 4))
+    assert "an earlier run logged beyond step 4: " in res.stderr
 
     # Resuming with a changed model config names the field (before anything is restored or compiled).
     before = (work / "config.json").read_text()
-    res = _run(shared, work, *common, "--config.model.embed_dim=64", "--config.train.num_steps=10", timeout=120)
+    res = _run(shared, work, *common, "--config.model.embed_dim=64", "--config.train.num_steps=36", timeout=120)
     assert res.returncode == 1
-    assert "Config error: model.embed_dim: the config differs from the one checkpoint step 8" in res.stderr, \
+    assert "Config error: model.embed_dim: the config differs from the one checkpoint step 32" in res.stderr, \
         res.stderr[-2000:]
     assert "model.embed_dim: checkpoint 32 vs config 64" in res.stderr and "Traceback" not in res.stderr
     assert (work / "config.json").read_text() == before  # the refused run did not overwrite the record
-    assert ckpt.latest_step(work / "checkpoints") == 8
+    assert ckpt.latest_step(work / "checkpoints") == 32
 
     # A second training on a workdir another one holds is refused, naming the holder.
     from eao_jax.workdir_lock import WorkdirLock  # noqa: PLC0415
 
     with WorkdirLock(work):
-        res = _run(shared, work, *common, "--config.train.num_steps=10", timeout=120)
+        res = _run(shared, work, *common, "--config.train.num_steps=36", timeout=120)
     assert res.returncode == 1
     assert f"Training refused: workdir {work} is in use by another training (pid {os.getpid()} on host" in res.stderr, \
         res.stderr[-2000:]
-    assert ckpt.latest_step(work / "checkpoints") == 8
+    assert ckpt.latest_step(work / "checkpoints") == 32
+
+
+def test_a_damaged_only_checkpoint_is_refused_naming_what_to_delete(shared, reference, tmp_path):
+    # Damage only reading the arrays reveals; the run refuses in one line, before compiling, deleting nothing.
+    import shutil  # noqa: PLC0415
+
+    root = tmp_path / "only" / "checkpoints"
+    shutil.copytree(reference / "checkpoints" / "4", root / "4")
+    checkpoint_damage.corrupt(root / "4", "truncated array files")
+    res = _run(shared, root.parent, "--config.train.num_steps=8", timeout=120)
+    assert res.returncode == 1
+    refused = [x for x in res.stderr.splitlines() if x.startswith("Training refused: ")]
+    assert len(refused) == 1, res.stderr[-3000:]
+    assert re.fullmatch(rf"Training refused: checkpoint step 4 in {re.escape(str(root))} cannot be restored "
+                        rf"\(restoring it failed \(.+\)\) and there is no earlier step: delete "
+                        rf"{re.escape(str(root / '4'))} to start this run from scratch", refused[0]), refused[0]
+    # No traceback through this package (TensorStore's read threads may still print "Event loop is closed").
+    assert f'File "{REPO / "eao_jax"}' not in res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["4"]
