@@ -400,3 +400,10 @@ def test_killed_automatic_synthetic_prepare_leaves_nothing_for_the_next(tmp_path
     assert removed == str(left)
     assert sorted(d for d in os.listdir(root) if not d.startswith(".")) == ["1.0.0"]
     assert PreparedDataset(path).num_examples("train") > 0
+
+
+def test_wrong_dimension_names_the_way_out_for_item_datasets(tmp_path):
+    write_pickle(tmp_path / "m" / "msrvtt_jsfusion_test.pkl", item_list(3))  # 2D features are 6-d
+    with pytest.raises(PrepareError, match=r"wrong feature dimension: item 'clip0'.*2D features has dimension 6, "
+                                           r"expected 7; .*--config \(resnet, s3d, clip\).*--feature_dims=D2,D3"):
+        prepare("msrvtt", tmp_path / "d", tmp_path / "m", feature_dims=(7, 5))

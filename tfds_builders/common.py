@@ -277,7 +277,10 @@ class EaoBuilder(tfds.core.GeneratorBasedBuilder):
         dtype = np.dtype(cfg.feature_dtype)
         if not getattr(cfg, f"use_{part}"):
             return _EMPTY_FEATURES[dtype]
-        out = V.check_features(arr, f"{part.upper()} features", item, file, self._expected_dim(part), dtype)
+        try:
+            out = V.check_features(arr, f"{part.upper()} features", item, file, self._expected_dim(part), dtype)
+        except V.BadItem as e:
+            raise V.with_dim_hint(e, cfg.name, [c.name for c in self.BUILDER_CONFIGS]) from None
         self._dims[part] = out.shape[1]  # the first item fixes an inferred width
         return out
 

@@ -147,15 +147,17 @@ def _worker_rss() -> list[int]:
 
 def _config(data_dir, dataset, config, workers, videos_per_batch, clips_per_video, read_threads, prefetch,
             read_buffer, seed):
+    """The paper's data config (eao_jax.defaults) with the benchmark's sizes and reader settings."""
     import ml_collections
+
+    from eao_jax.defaults import data_config
 
     c = ml_collections.ConfigDict()
     c.seed = seed
-    c.data = ml_collections.ConfigDict(dict(
-        dataset=dataset, data_dir=data_dir, tfds_config=config, split="train", videos_per_batch=videos_per_batch,
-        clips_per_video=clips_per_video, n_video_tokens=12, max_words=20, n_stft=768, min_time=8.0,
-        text_audio_misaligned=True, num_workers=workers, read_threads=read_threads, prefetch=prefetch,
-        read_buffer=read_buffer))
+    c.data = data_config()
+    c.data.update(dict(dataset=dataset, data_dir=data_dir, tfds_config=config, split="train",
+                       videos_per_batch=videos_per_batch, clips_per_video=clips_per_video, num_workers=workers,
+                       read_threads=read_threads, prefetch=prefetch, read_buffer=read_buffer))
     return c
 
 

@@ -17,7 +17,7 @@ Training (HowTo100M and the synthetic `train` split, or fine-tuning on MSR-VTT /
   buffered per worker), worker_videos (HowTo layouts: videos per element a reader builds, a divisor
   of the process's videos per batch; default the largest up to 16; the main process concatenates
   the elements of a batch into reused arrays), video_strategy (fine-tuning only; default "clip").
-  Fields other than those of configs/howto100m.py are optional.
+  Fields beyond those of `eao_jax.defaults.data_config()` are optional.
   The global batch is videos_per_batch x clips_per_video clips, flattened. Every process walks the
   same shuffled, repeated video order (from config.seed); global batch k is positions
   k*videos_per_batch .. (k+1)*videos_per_batch - 1 of it, and process p reads only its contiguous

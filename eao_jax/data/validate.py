@@ -46,6 +46,16 @@ class BadItem(ValueError):
         super().__init__(msg)
 
 
+def with_dim_hint(e: BadItem, config_name: str, config_names: list[str]) -> BadItem:
+    """A wrong-dimension BadItem extended with the way out: the builder config matching the files'
+    backbone, or explicit widths (other BadItems are returned as they are)."""
+    if e.reason != WRONG_DIM:
+        return e
+    return BadItem(e.reason, e.item, e.file, e.detail + (
+        f"; if these files are another backbone, prepare with the matching --config ({', '.join(config_names)}) "
+        f"or give --feature_dims=D2,D3 (config {config_name!r})"))
+
+
 class PrepareError(ValueError):
     """A prepare stopped on bad input (rerun with --skip_bad to skip and count such items)."""
 

@@ -131,14 +131,10 @@ def load_video(spec: VideoSpec, path: str, caption: Any, caption_file: str) -> d
             ex[f"features_{part}"] = _EMPTY[fdt]
             continue
         arr = V.load_npz_key(p, "features", vid)
-        hint = (f"; if these files are another backbone, prepare with the matching --config (resnet, s3d, clip) "
-                f"or give --feature_dims=D2,D3 (config {spec.config_name!r})")
         try:
             ex[f"features_{part}"] = V.check_features(arr, f"{part.upper()} features", vid, p, dim, fdt)
         except V.BadItem as e:
-            if e.reason == V.WRONG_DIM:
-                raise V.BadItem(e.reason, e.item, e.file, e.detail + hint) from None
-            raise
+            raise V.with_dim_hint(e, spec.config_name, ["resnet", "s3d", "clip"]) from None
     ex["audio"] = V.check_spectrogram(V.load_npz_key(pa, "arr_0", vid), vid, pa, np.dtype(spec.audio_dtype))
     if caption is None:
         raise V.BadItem(V.NO_CAPTION, vid, caption_file, "video id not in the caption file")
