@@ -322,6 +322,9 @@ def input_pipeline_throughput(config: ml_collections.ConfigDict, n_batches: int)
         data_dir = os.path.join(tempfile.gettempdir(), "eao_jax_benchmark_data")
     else:
         dataset, builder_config, data_dir = d.dataset, d.get("tfds_config"), d.data_dir
+    from eao_jax.prepare import prepare_once  # noqa: PLC0415
+
+    prepare_once(dataset, data_dir, builder_config)  # the synthetic dataset, before the pipeline reads it
     r = benchmark.run(data_dir=data_dir, dataset=dataset, config=builder_config,
                       workers=int(d.get("num_workers", 0) or 0), videos_per_batch=int(d.videos_per_batch),
                       clips_per_video=int(d.clips_per_video), batches=n_batches,
