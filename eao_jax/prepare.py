@@ -68,7 +68,7 @@ def prepare(dataset: str, data_dir: str | os.PathLike, manual_dir: str | os.Path
 
     import tfds_builders
     from eao_jax.data import text as text_lib
-    from eao_jax.data import validate as V
+    from tfds_builders import validate as V
 
     cls = tfds_builders.builder_class(dataset)
     extra: dict[str, Any] = {}

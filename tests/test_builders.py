@@ -220,8 +220,8 @@ def test_msrvtt_pickles_with_torch_audio_and_clip_backbone(tmp_path):
 
 
 def test_msrvtt_recall_denominator_rule(tmp_path):
-    from eao_jax.data.validate import Report
     from tfds_builders.msrvtt import Msrvtt
+    from tfds_builders.validate import Report
 
     b = Msrvtt(data_dir=str(tmp_path))
     b._report = Report()

@@ -10,8 +10,8 @@ from fixtures_data import howto_file, item_list, word2vec_fixture, write_howto, 
 
 from eao_jax.data.dataset import PreparedDataset
 from eao_jax.data.howto_store import HowToStore
-from eao_jax.data.validate import PrepareError, load_pickle
 from eao_jax.prepare import prepare
+from tfds_builders.validate import PrepareError, load_pickle
 
 
 def _howto(tmp_path, n=3, seed=0):

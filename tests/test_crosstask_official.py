@@ -11,10 +11,10 @@ from test_evaluate import random_model, synthetic_model_config
 
 from eao_jax import evaluate
 from eao_jax.data import pipelines
-from eao_jax.data.validate import PrepareError
 from eao_jax.evaluation import localisation as loc_lib
 from eao_jax.prepare import prepare
 from tfds_builders import localization
+from tfds_builders.validate import PrepareError
 
 TASKS = loc_lib.CROSSTASK_PRIMARY_TASKS[:2]  # a partial CrossTask: 2 of the 18 primary tasks
 

@@ -38,7 +38,7 @@ from absl import logging
 
 from eao_jax.data import records
 from eao_jax.data import text as text_lib
-from eao_jax.data import validate as V
+from tfds_builders import validate as V
 from tfds_builders import words, writer
 
 BYTES = tfds.features.Encoding.BYTES

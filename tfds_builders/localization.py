@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eao_jax.data import validate as V
 from tfds_builders import common
+from tfds_builders import validate as V
 
 OFFICIAL_TASKS_FILE = "tasks_primary.txt"
 OFFICIAL_DIR = "crosstask_release"  # the folder crosstask_release.zip unpacks to

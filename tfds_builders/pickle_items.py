@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from eao_jax.data import validate as V
 from tfds_builders import common
+from tfds_builders import validate as V
 
 
 def item_configs(key_2d: str, key_3d: str) -> list[common.FeatureConfig]:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from etils import epath
 
-from eao_jax.data import validate as V
+from tfds_builders import validate as V
 
 # Reasons (keys of the prepare report's counts).
 NO_WORDS = "caption without words"

@@ -8,7 +8,6 @@ Modules:
   audio       time <-> STFT frame mapping, crop / pad, cut into clips
   video       video tokens (clip / nearest / max_pool) from 2D + 3D features
   howto       HowTo100M training clips (`clip_from_segment`, random clip sampling)
-  validate    prepare-time checks and the skip report
   records     record field encoding shared by builders and pipelines
   dataset     opening a prepared dataset (`PreparedDataset`)
   pipelines   grain iterators: training, retrieval evaluation, localisation

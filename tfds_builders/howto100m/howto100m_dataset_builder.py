@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from eao_jax.data import validate as V
 from tfds_builders import common
+from tfds_builders import validate as V
 from tfds_builders.howto100m import shards
 
 INDEX_FILE = "train_index.npz"

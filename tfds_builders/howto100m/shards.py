@@ -30,7 +30,7 @@ from etils import epath
 from eao_jax.data import audio as audio_lib
 from eao_jax.data import records
 from eao_jax.data import text as text_lib
-from eao_jax.data import validate as V
+from tfds_builders import validate as V
 from tfds_builders import words
 
 LAYOUTS = ("howto", "howto_chunks")
