@@ -80,6 +80,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from eao_jax import flops as flops_lib  # noqa: E402
+from eao_jax.batch_contract import batch_shapes  # noqa: E402
 from eao_jax.lazy import lazy_import  # noqa: E402
 
 # Imported on first use, so that `--help` answers without loading JAX / Flax / Orbax.
@@ -104,24 +105,6 @@ MEMORY_KEYS = ("per_device_bytes", "per_device_bytes_net", "argument_bytes", "ou
 
 def global_batch_size(config: ml_collections.ConfigDict) -> int:
     return int(config.data.videos_per_batch) * int(config.data.clips_per_video)
-
-
-def batch_shapes(config: ml_collections.ConfigDict, batch_size: int | None = None) -> dict[str, tuple]:
-    """{key: (shape, dtype)} of a training batch of the config (the batch contract)."""
-    m, d = config.model, config.data
-    b = global_batch_size(config) if batch_size is None else batch_size
-    shapes = {}
-    if "video" in m.modalities:
-        shapes["video"] = ((b, int(d.n_video_tokens), int(m.video_dim)), np.float32)
-        shapes["video_mask"] = ((b, int(d.n_video_tokens)), np.float32)
-    if "text" in m.modalities:
-        shapes["text"] = ((b, int(d.max_words), int(m.text_dim)), np.float32)
-        shapes["text_mask"] = ((b, int(d.max_words)), np.float32)
-    if "audio" in m.modalities:
-        shapes["audio"] = ((b, int(m.davenet.n_mels), int(d.n_stft)), np.float32)
-        shapes["audio_mask"] = ((b, int(d.n_stft)), np.float32)
-        shapes["audio_STFT_nframes"] = ((b,), np.int32)
-    return shapes
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:

@@ -28,13 +28,14 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from eao_jax import batch_contract
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 MESH_AXES = (DATA_AXIS, MODEL_AXIS)
 
 # Batch entries the model consumes (host numpy -> global jax.Array); other entries (ids, strings)
 # stay on the host.
-MODEL_INPUT_KEYS = ("video", "video_mask", "text", "text_mask", "audio", "audio_mask", "audio_STFT_nframes")
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int]:
@@ -117,7 +118,7 @@ def with_shardings(abstract_state: Any, shardings: Any) -> Any:
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of a host batch that the model consumes."""
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    return {k: batch[k] for k in batch_contract.KEYS if k in batch}
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eao_jax import bench, flops, parallel, train
+from eao_jax import batch_contract, bench, flops, parallel, train
 from eao_jax.loss import combinatorial_loss
 from eao_jax.model import audio
 from eao_jax.model.audio import DAVEnet
@@ -136,7 +136,7 @@ def test_analytic_flops_agree_with_xla_cost_analysis():
     graphdef, abstract = train.abstract_train_state(config)
     shardings = train.state_shardings(abstract, mesh, config)
     step = train.make_train_step(config, mesh, graphdef, shardings)
-    batch = {k: jax.ShapeDtypeStruct(s, t) for k, (s, t) in bench.batch_shapes(config).items()}
+    batch = {k: jax.ShapeDtypeStruct(s, t) for k, (s, t) in batch_contract.batch_shapes(config).items()}
     xla = bench._flops_of(step.lower(parallel.with_shardings(abstract, shardings), batch).compile())
     analytic = flops.train_step_flops(config)["total"]
     # The analytic count leaves out element-wise work, which XLA counts: a little below, never above.

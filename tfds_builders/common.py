@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from eao_jax import batch_contract
 from eao_jax.data import records
 from eao_jax.data import text as text_lib
 from tfds_builders import validate as V
@@ -59,7 +60,7 @@ def video_audio_features(feature_dtype, audio_dtype) -> dict[str, Any]:
         "id": tfds.features.Text(),
         **matrix_feature("features_2d", feature_dtype),
         **matrix_feature("features_3d", feature_dtype),
-        "audio": array_feature(audio_dtype, (V.N_MELS, None)),
+        "audio": array_feature(audio_dtype, (batch_contract.N_MELS, None)),
     }
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-N_MELS = 40
+from eao_jax.batch_contract import N_MELS
+
 REPORT_FILE = "prepare_report.json"
 
 # Reasons (the keys of the report's counts).

@@ -13,7 +13,6 @@ import numpy as np
 SAMPLE_RATE = 16000
 HOP = 160
 N_FFT = 400
-N_MELS = 40
 
 
 def time_to_frame(t: float) -> int:

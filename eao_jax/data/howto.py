@@ -20,14 +20,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from eao_jax import batch_contract
 from eao_jax.data import audio as audio_lib
 from eao_jax.data import video as video_lib
 from eao_jax.data.records import half_to_float32
 from eao_jax.data.text import WordTable, tokenize
-
-FPS_2D = 1.0
-FPS_3D = 24.0 / 16.0
-CLIP_KEYS = ("video", "video_mask", "text", "text_mask", "audio", "audio_mask")
 
 
 class Caption:
@@ -229,7 +226,7 @@ def empty_clips(n: int, *, video_dim: int, text_dim: int, max_words: int = 20, n
 
         alloc = SharedMemoryArray
     shapes = dict(video=(n, n_video_tokens, video_dim), video_mask=(n, n_video_tokens), text=(n, max_words, text_dim),
-                  text_mask=(n, max_words), audio=(n, audio_lib.N_MELS, n_stft), audio_mask=(n, n_stft))
+                  text_mask=(n, max_words), audio=(n, batch_contract.N_MELS, n_stft), audio_mask=(n, n_stft))
     return {k: alloc(v, np.float32) for k, v in shapes.items()}
 
 
@@ -264,7 +261,8 @@ def clip_from_segment(caption: Mapping[str, Sequence], mel_spec: np.ndarray, fea
     out = empty_clips(1, video_dim=_video_dim(features_2d, features_3d), text_dim=table.dim, max_words=max_words,
                       n_stft=n_stft, n_video_tokens=n_video_tokens)
     video = ArrayVideo(mel_spec, features_2d, features_3d)
-    reads = clip_reads(plan, video, n_stft=n_stft, n_video_tokens=n_video_tokens, fps_2d=FPS_2D, fps_3d=FPS_3D)
+    reads = clip_reads(plan, video, n_stft=n_stft, n_video_tokens=n_video_tokens, fps_2d=batch_contract.FPS_2D,
+                       fps_3d=batch_contract.FPS_3D)
     n = _write(out, 0, plan, reads, video, table, max_words=max_words)
     res = {k: v[0] for k, v in out.items()}
     res.update(start=plan[0], end=plan[1], nframes=n, raw_text=" ".join(plan[2]))
@@ -274,7 +272,7 @@ def clip_from_segment(caption: Mapping[str, Sequence], mel_spec: np.ndarray, fea
 def fill_clips(out: dict[str, np.ndarray], row0: int, caption: Mapping[str, Sequence] | Caption,
                video, rng: np.random.Generator, table: WordTable, n_clips: int, *, misaligned: bool,
                min_time: float = 8.0, max_words: int = 20, n_stft: int = 768, n_video_tokens: int = 12,
-               fps_2d: float = FPS_2D, fps_3d: float = FPS_3D) -> list[tuple]:
+               fps_2d: float = batch_contract.FPS_2D, fps_3d: float = batch_contract.FPS_3D) -> list[tuple]:
     """Writes `n_clips` random clips of one video into rows row0.. of zero-filled clip arrays.
 
     `video` is an `ArrayVideo` or a store's chunked video (same interface): all clips are planned

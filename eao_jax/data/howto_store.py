@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from eao_jax.data import audio as audio_lib
+from eao_jax import batch_contract
 from eao_jax.data import records
 from eao_jax.data.howto import ArrayVideo, Caption, ClipReads
 
@@ -188,7 +188,7 @@ class ChunkedVideo:
             f = records.parse_example(raw)
             self._chunks[c] = (records.raw_array(f["features_2d"], store.feature_dtype, (-1, d2) if d2 else None),
                                records.raw_array(f["features_3d"], store.feature_dtype, (-1, d3) if d3 else None),
-                               records.raw_array(f["audio"], store.audio_dtype, (audio_lib.N_MELS, -1)))
+                               records.raw_array(f["audio"], store.audio_dtype, (batch_contract.N_MELS, -1)))
 
     def _block(self, part: int, c0: int, c1: int) -> np.ndarray:
         if c0 == c1:

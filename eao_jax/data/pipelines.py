@@ -75,14 +75,13 @@ from typing import Any
 import grain
 import numpy as np
 
+from eao_jax import batch_contract
 from eao_jax.data import audio as audio_lib
 from eao_jax.data import howto
 from eao_jax.data import video as video_lib
 from eao_jax.data.dataset import PreparedDataset
 from eao_jax.data.howto_store import HowToStore
 from eao_jax.data.text import WordTable
-
-BATCH_KEYS = ("video", "video_mask", "text", "text_mask", "audio", "audio_mask", "audio_STFT_nframes")
 
 
 def open_dataset(name: str, data_dir: str | os.PathLike, config: str | None = None) -> PreparedDataset:
@@ -277,7 +276,7 @@ class RandomCaptionBatch(grain.transforms.Map):
             caps = rec["captions"] or [rec["caption"]]
             rng = position_rng(self.seed, position)
             rows.append(self.inputs(rec, caps[int(rng.integers(len(caps)))]))
-        return {k: np.concatenate([r[k] for r in rows]) for k in BATCH_KEYS}
+        return {k: np.concatenate([r[k] for r in rows]) for k in batch_contract.KEYS}
 
 
 def _cfg(data, key: str, default):
@@ -449,7 +448,7 @@ class RetrievalData:
         nv, ta = inp.n_video_tokens, inp.n_stft
         return {"video": ((n, nv, self.video_dim), np.float32), "video_mask": ((n, nv), np.float32),
                 "text": ((n, inp.max_words, self.text_dim), np.float32), "text_mask": ((n, inp.max_words), np.float32),
-                "audio": ((n, audio_lib.N_MELS, ta), np.float32), "audio_mask": ((n, ta), np.float32),
+                "audio": ((n, batch_contract.N_MELS, ta), np.float32), "audio_mask": ((n, ta), np.float32),
                 "audio_STFT_nframes": ((n,), np.int32)}
 
 
@@ -502,7 +501,7 @@ def localization_windows(rec: dict, table: WordTable, *, use_2d: bool = True, us
     f2, f3 = _features(rec, use_2d, use_3d)
     mel = rec["audio"]
     video = np.zeros((t_total, n_video_tokens, 0), np.float32)
-    audio = np.zeros((t_total, audio_lib.N_MELS, n_stft), np.float32)
+    audio = np.zeros((t_total, batch_contract.N_MELS, n_stft), np.float32)
     amask = np.zeros((t_total, n_stft), np.float32)
     nfr = np.zeros((t_total,), np.int32)
     vids, vmasks = [], []

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from eao_jax import batch_contract
 from eao_jax.data import audio as audio_lib
 from eao_jax.data import records
 from eao_jax.data import text as text_lib
@@ -162,7 +163,7 @@ def video_records(spec: VideoSpec, video: dict[str, Any]) -> list[dict[str, Any]
     n = num_chunks(spec, video)
     no_caption = dict(caption_start=np.zeros((0,), np.float64), caption_end=np.zeros((0,), np.float64),
                       caption_text=[])
-    empty_f, empty_a = _EMPTY[f2.dtype], np.zeros((audio_lib.N_MELS, 0), audio.dtype)
+    empty_f, empty_a = _EMPTY[f2.dtype], np.zeros((batch_contract.N_MELS, 0), audio.dtype)
     out = [records.flatten_matrices(dict(
         id=video["id"], chunk=HEADER, num_chunks=n, length_2d=f2.shape[0], length_3d=f3.shape[0],
         length_audio=audio.shape[1], caption_start=video["caption_start"], caption_end=video["caption_end"],
