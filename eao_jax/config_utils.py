@@ -127,19 +127,27 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     _positive_int(t, "train", "log_every")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # numbers reach the step as float32: larger ones become inf
+
+
+def _finite_float32(v: float) -> bool:
+    return math.isfinite(v) and abs(v) <= _FLOAT32_MAX
+
+
 def check_finite_numbers(config: Mapping[str, Any], prefix: str = "") -> None:
-    """Raises ConfigError naming the first number of `config` that is NaN or infinite: no field
-    takes one (an infinite learning rate, say, would turn every parameter non-finite in one step)."""
+    """Raises ConfigError naming the first number of `config` that is NaN, infinite or beyond float32's
+    range: no field takes one (an infinite learning rate, say, would turn every parameter non-finite
+    in one step, and 1e39 is infinite once in float32)."""
     for key in config.keys():
         value, path = config[key], f"{prefix}{key}"
         if isinstance(value, Mapping | ml_collections.ConfigDict):
             check_finite_numbers(value, f"{path}.")
         elif isinstance(value, list | tuple):
             for i, v in enumerate(value):
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ConfigError(f"{path}[{i}] must be a finite number, got {v}")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{path} must be a finite number, got {value}")
+                if isinstance(v, float) and not _finite_float32(v):
+                    raise ConfigError(f"{path}[{i}] must be a finite number (float32), got {v}")
+        elif isinstance(value, float) and not _finite_float32(value):
+            raise ConfigError(f"{path} must be a finite number (float32), got {value}")
 
 
 def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None = None,

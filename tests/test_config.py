@@ -81,6 +81,8 @@ def test_unknown_field_is_named(section, field):
     (lambda c: setattr(c.loss, "temperature", float("inf")), "loss.temperature"),
     (lambda c: setattr(c.loss.weights, "tv", float("nan")), "loss.weights.tv"),
     (lambda c: setattr(c.data, "min_time", float("inf")), "data.min_time"),
+    # Finite in Python but infinite in float32, the precision the step computes in.
+    (lambda c: setattr(c.train, "lr", 1e39), "train.lr must be a finite number \\(float32\\), got 1e\\+39"),
 ])
 def test_bad_values_are_named(edit, field):
     c = demo()  # demo: embed 128, 4 heads, 6 DAVEnet stages (n_stft >= 64), 12 video tokens
