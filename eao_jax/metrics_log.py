@@ -340,29 +340,20 @@ class MetricsLogger:
                                      file=sys.stderr, mininterval=1.0, step_rate=self._rate)
         os.makedirs(workdir, exist_ok=True)
         notes = []
-        jsonl_ok = tb_ok = True
+        # Each sink: drop what an earlier run logged after initial_step, then open; a failure of either
+        # is reported once and leaves that sink off.
         try:
             if n := supersede_jsonl(workdir, initial_step):
                 notes.append(f"{_plural(n, 'metrics.jsonl record')} moved to {SUPERSEDED_FILE}")
+            self._jsonl = open(self._jsonl_path, "a", buffering=1)  # noqa: SIM115
         except OSError as e:
-            jsonl_ok = False
             self._report(self._jsonl_path, "metrics.jsonl", e)
         try:
             if n := supersede_events(workdir, initial_step):
                 notes.append(f"{_plural(n, 'TensorBoard event')} removed")
+            self._tb = _EventFile(self._tb_dir)
         except OSError as e:
-            tb_ok = False
             self._report(self._tb_dir, "TensorBoard logging", e)
-        if jsonl_ok:
-            try:
-                self._jsonl = open(self._jsonl_path, "a", buffering=1)  # noqa: SIM115
-            except OSError as e:
-                self._report(self._jsonl_path, "metrics.jsonl", e)
-        if tb_ok:
-            try:
-                self._tb = _EventFile(self._tb_dir)
-            except OSError as e:
-                self._report(self._tb_dir, "TensorBoard logging", e)
         if notes:
             self.log_event(initial_step, f"an earlier run logged beyond step {initial_step}: " + ", ".join(notes))
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from etils import epath
 
+from eao_jax.data import text as text_lib
 from tfds_builders import validate as V
 
 # Reasons (keys of the prepare report's counts).
@@ -98,16 +99,12 @@ class KnownWords:
                     raise V.PrepareError(f"{where}: this is the text word2vec format; give the binary one (e.g. "
                                          "GoogleNews-vectors-negative300.bin; gensim converts with binary=True)")
                 hashes = np.empty(count, np.uint64)
-                nbytes, pos = 4 * dim, eol + 1
-                for i in range(count):
-                    while pos < size and mm[pos] == 0x0A:  # newline left after the previous vector
-                        pos += 1
-                    sp = mm.find(b" ", pos)
-                    if sp < 0 or sp + 1 + nbytes > size:
-                        raise V.PrepareError(f"{where}: truncated at word {i} of {count} ({size} bytes; "
-                                             f"header '{count} {dim}')")
-                    hashes[i] = _hash(mm[pos:sp].decode("utf-8", errors="replace"))
-                    pos = sp + 1 + nbytes
+                try:
+                    for i, (word, _) in enumerate(text_lib.word2vec_entries(mm, size, eol + 1, count, dim)):
+                        hashes[i] = _hash(word)
+                except text_lib.TruncatedWord2Vec as e:
+                    raise V.PrepareError(f"{where}: truncated at word {e.index} of {count} ({size} bytes; "
+                                         f"header '{count} {dim}')") from None
             finally:
                 mm.close()
         return cls(hashes, path)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import mmap
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,29 @@ class WordTable:
         return cls(words, vectors)
 
 
+class TruncatedWord2Vec(ValueError):
+    """A word2vec binary file ends inside entry `index`."""
+
+    def __init__(self, index: int):
+        super().__init__(f"truncated at word {index}")
+        self.index = index
+
+
+def word2vec_entries(mm: Any, size: int, pos: int, count: int, dim: int) -> Iterator[tuple[str, int]]:
+    """(word, byte offset of its `dim` float32 values) of the `count` entries of a word2vec binary
+    file's bytes `mm` (size bytes), starting at `pos` (after the header). Newlines before a word are
+    skipped (gensim's layout writes one after each vector). Raises TruncatedWord2Vec."""
+    nbytes = 4 * dim
+    for i in range(count):
+        while pos < size and mm[pos] == 0x0A:
+            pos += 1
+        sp = mm.find(b" ", pos)
+        if sp < 0 or sp + 1 + nbytes > size:
+            raise TruncatedWord2Vec(i)
+        yield mm[pos:sp].decode("utf-8", errors="replace"), sp + 1
+        pos = sp + 1 + nbytes
+
+
 def read_word2vec_binary(path: str | os.PathLike, wanted: Iterable[str] | None = None,
                          ) -> tuple[list[str], np.ndarray]:
     """Reads a word2vec binary file (GoogleNews layout), optionally only the `wanted` words.
@@ -128,21 +152,14 @@ def read_word2vec_binary(path: str | os.PathLike, wanted: Iterable[str] | None =
                 count, dim = (int(x) for x in mm[:eol].split())
             except ValueError:
                 raise ValueError(f"{path}: bad word2vec header {mm[:max(eol, 0)][:80]!r}") from None
-            nbytes = 4 * dim
-            pos = eol + 1
-            for i in range(count):
-                while pos < size and mm[pos] == 0x0A:  # newline left after the previous vector
-                    pos += 1
-                sp = mm.find(b" ", pos)
-                if sp < 0 or sp + 1 + nbytes > size:
-                    raise ValueError(f"{path}: truncated word2vec file at word {i} of {count}")
-                word = mm[pos:sp].decode("utf-8", errors="replace")
-                start = sp + 1
-                pos = start + nbytes
-                if (wanted_set is None or word in wanted_set) and word not in seen:
-                    seen.add(word)
-                    words.append(word)
-                    rows.append(np.frombuffer(mm[start:pos], dtype="<f4").copy())
+            try:
+                for word, start in word2vec_entries(mm, size, eol + 1, count, dim):
+                    if (wanted_set is None or word in wanted_set) and word not in seen:
+                        seen.add(word)
+                        words.append(word)
+                        rows.append(np.frombuffer(mm[start:start + 4 * dim], dtype="<f4").copy())
+            except TruncatedWord2Vec as e:
+                raise ValueError(f"{path}: truncated word2vec file at word {e.index} of {count}") from None
         finally:
             mm.close()
     vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
