@@ -8,16 +8,18 @@ The run trains the TVA model with the paper's combinatorial loss on 16 videos x 
 then evaluates zero-shot text-to-video retrieval on the synthetic `retrieval` split (500 clips,
 chance R@10 = 2 %), writes WORKDIR/results/synthetic.json and prints the table.
 
-`configs/demo.py:tiny` is the same on the tiny synthetic config and a toy model (tests; seconds).
+`configs/demo.py:tiny` is the same on the tiny synthetic config and a toy model (tests; seconds),
+without the evaluation; `configs/demo.py:tiny,evaluate` evaluates it at the end.
 """
 
 import ml_collections
 
-from eao_jax.defaults import parse_arg, reference_config
+from eao_jax.defaults import eval_settings, parse_arg, reference_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny = parse_arg(arg, tiny=False).tiny
+    args = parse_arg(arg, tiny=False, evaluate=False)
+    tiny, evaluate = args.tiny, args.evaluate
     c = reference_config()
     c.seed = 0
 
@@ -58,10 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True
 
-    c.eval.tasks = ("synthetic",)
-    c.eval.every_steps = 0  # only at the end
-    c.eval.batch_size = 50
-    c.eval.strategy = "at_once"
+    c.eval.tasks = {"synthetic": eval_settings("synthetic", batch_size=50)}  # at the end (every_steps 0)
 
     if tiny:
         m.embed_dim, m.num_heads, m.projection_dim = 32, 4, 32
@@ -71,5 +70,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d.n_stft = 64
         t.epochs, t.steps_per_epoch, t.log_every = 1, 12, 2
         c.checkpoint.every_steps = 4
-        c.eval.tasks = ()
+        c.eval.tasks = {"synthetic": eval_settings("synthetic", batch_size=16)} if evaluate else {}
     return c

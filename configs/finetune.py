@@ -17,7 +17,7 @@ statistics, `train.use_eval_mode_always`).
 
 import ml_collections
 
-from eao_jax.defaults import VIDEO_DIMS, apply_overrides, parse_arg, reference_config
+from eao_jax.defaults import VIDEO_DIMS, apply_overrides, eval_settings, parse_arg, reference_config
 
 # What differs between the two released fine-tuning configs (batch: items per step, one row each).
 DATASETS: dict[str, dict] = {
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.n_stft = c.eval.at_once[args.dataset].n_stft
     c.train.use_eval_mode_always = True  # BatchNorm running statistics frozen, as the original
     c.loss.weights = dict.fromkeys(c.loss.weights, 1.0)
-    c.eval.tasks = (args.dataset,)  # after the last step (eval.every_steps 0)
+    c.eval.tasks = {args.dataset: eval_settings(args.dataset)}  # after the last step (every_steps 0)
     apply_overrides(c, DATASETS[args.dataset])
     if args.backbone == "clip" and args.dataset in CLIP_BATCH:
         d.videos_per_batch = CLIP_BATCH[args.dataset]

@@ -15,7 +15,7 @@ configs/README.md maps each experiment of the paper to its argument.
 
 import ml_collections
 
-from eao_jax.defaults import VIDEO_DIMS, apply_overrides, parse_arg, reference_config
+from eao_jax.defaults import VIDEO_DIMS, apply_overrides, eval_settings, parse_arg, reference_config
 
 _WEIGHTS = ("tv", "ta", "va", "t_va", "v_ta", "a_tv")
 EQUAL_WEIGHTS = dict.fromkeys(_WEIGHTS, 1.0)
@@ -50,7 +50,8 @@ VARIANTS: dict[str, dict] = {
     # Long videos: learned positions for the 12 video / 20 text / 12 audio tokens of a training clip
     # (model.max_*_tokens). Only its evaluation configs are released; training is assumed to be the
     # main one. Such a model cannot take the 48 / 72 tokens of "at once": it evaluates 8-s clips.
-    "positional_embeddings": {"model.use_positional_emb": True, "eval.strategy": "clips_average"},
+    "positional_embeddings": {"model.use_positional_emb": True, "eval.tasks.msrvtt.strategy": "clips_average",
+                              "eval.tasks.youcook2.strategy": "clips_average"},
 }
 
 # The video features (stronger-backbone ablation): the HowTo100M builder config of the same name.
@@ -78,7 +79,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 2,240 clips within 16 GiB per chip on 8 chips with FSDP (`python -m eao_jax.bench --memory_only`).
     c.model.dtype = "bfloat16"
     c.model.remat = True
-    # Zero-shot evaluation after each epoch, as the original.
-    c.eval.every_steps = -1
-    c.eval.tasks = ("msrvtt", "youcook2")
+    # Zero-shot evaluation after each epoch (every_steps -1), as the original.
+    c.eval.tasks = {task: eval_settings(task, every_steps=-1) for task in ("msrvtt", "youcook2")}
     return apply_overrides(c, BACKBONES[args.backbone], *(VARIANTS[n] for n in names))

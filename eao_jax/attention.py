@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from absl import app, flags
 
+from eao_jax import defaults
 from eao_jax.evaluation.report import save_png
+from eao_jax.evaluators.embedder import cached_jit
 from eao_jax.lazy import lazy_import
 
 if TYPE_CHECKING:
@@ -62,7 +64,8 @@ def parse_groups(spec: str | Sequence[Sequence[str]] | None, modalities: Sequenc
 
 def modality_attention(model: EverythingAtOnce, batch: Mapping[str, np.ndarray],
                        groups: str | Sequence[Sequence[str]] | None = None,
-                       valid: np.ndarray | None = None) -> dict[str, Any]:
+                       valid: np.ndarray | None = None,
+                       audio_pooling: tuple[str, int] | None = None) -> dict[str, Any]:
     """Mean attention per (query modality, key modality) and head for one pass over `batch`.
 
     Args:
@@ -70,6 +73,7 @@ def modality_attention(model: EverythingAtOnce, batch: Mapping[str, np.ndarray],
       batch: model inputs (the batch contract), B items.
       groups: the pass (see `parse_groups`); default: all modalities attend to each other.
       valid: (B,) bool, items to average over (default all; padded rows of eval batches excluded).
+      audio_pooling: (mode, tokens) overriding the model's audio pooling (retrieval strategies).
     Returns:
       {"labels": [M names], "groups": [[...]], "per_head": (depth, H, M, M), "mean": (depth, M, M)
        (mean over heads), "query_tokens": (M,) number of valid query tokens averaged per label}.
@@ -82,7 +86,7 @@ def modality_attention(model: EverythingAtOnce, batch: Mapping[str, np.ndarray],
     b = next(iter(inputs.values())).shape[0]
     valid = np.ones((b,), bool) if valid is None else np.asarray(valid, bool).reshape(b)
     graphdef, state = nnx.split(model)
-    run, static = _attention_fn(graphdef, groups)
+    run, static = _attention_fn(graphdef, groups, audio_pooling)
     per_head, count = jax.device_get(run(state, inputs, jnp.asarray(valid)))
     if per_head.shape[0] == 0:
         raise ValueError("the model has no fusion block (model.depth=0): there is no attention to analyse")
@@ -90,22 +94,23 @@ def modality_attention(model: EverythingAtOnce, batch: Mapping[str, np.ndarray],
             "mean": np.asarray(per_head).mean(axis=1), "query_tokens": np.asarray(count)}
 
 
-_CACHE: dict[tuple[str, tuple], tuple[Any, dict]] = {}
-
-
-def _attention_fn(graphdef: nnx.GraphDef, groups: tuple[tuple[str, ...], ...]) -> tuple[Any, dict]:
+def _attention_fn(graphdef: nnx.GraphDef, groups: tuple[tuple[str, ...], ...],
+                  audio_pooling: tuple[str, int] | None) -> tuple[Any, dict]:
     """(jitted (state, inputs, valid) -> (per_head (depth, H, M, M), count (M,)), dict that receives
-    the labels when tracing), cached per model structure and pass."""
-    key = (repr(graphdef), groups)
-    if key in _CACHE:
-        return _CACHE[key]
+    the labels when tracing), cached per model structure and pass (the evaluators' cache)."""
+    return cached_jit(graphdef, ("attention", groups, audio_pooling), lambda: _build_attention_fn(
+        graphdef, groups, audio_pooling))
+
+
+def _build_attention_fn(graphdef: nnx.GraphDef, groups: tuple[tuple[str, ...], ...],
+                        audio_pooling: tuple[str, int] | None) -> tuple[Any, dict]:
     static: dict[str, Any] = {}
 
     @jax.jit
     def run(state, inputs, valid):
         m = nnx.merge(graphdef, state)
         m.eval()
-        res = m.attention_maps(inputs, [groups])
+        res = m.attention_maps(inputs, [groups], audio_pooling=audio_pooling)
         spans, n_cls = res["spans"], res["n_cls"]
         b = valid.shape[0]
         length = max(e for _, e in spans.values())
@@ -127,9 +132,6 @@ def _attention_fn(graphdef: nnx.GraphDef, groups: tuple[tuple[str, ...], ...]) -
             per_block.append(jnp.einsum("bi,iq,bhik->hqk", qw, oh, mass) / jnp.maximum(count, 1.0)[None, :, None])
         return jnp.stack(per_block) if per_block else jnp.zeros((0, 1, len(labels), len(labels))), count
 
-    if len(_CACHE) >= 8:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (run, static)
     return run, static
 
 
@@ -192,29 +194,30 @@ def analyse_checkpoint(checkpoint: str, task: str, output: str | os.PathLike, *,
     import json  # noqa: PLC0415
 
     from eao_jax import checkpoint as ckpt  # noqa: PLC0415
-    from eao_jax import evaluate  # noqa: PLC0415
+    from eao_jax import evaluators  # noqa: PLC0415
     from eao_jax.data import pipelines  # noqa: PLC0415
+    from eao_jax.evaluators import retrieval  # noqa: PLC0415
 
-    spec = evaluate.task_spec(task)
-    s = evaluate.strategy_settings(task, strategy)
-    if s["cut_clips"]:
+    entry = defaults.eval_entry(task, {"strategy": strategy, "tfds_config": tfds_config}, where=f"{task}: ")
+    if entry.type != "retrieval":
+        raise ValueError(f"attention analysis reads the items of a retrieval task, not {task!r}")
+    retrieval.check(entry, "--")
+    if strategy == "clips_average":
         raise ValueError("attention analysis takes one pass per item: use at_once, clip, nearest or max_pool")
+    model, config, step = ckpt.load_model(checkpoint, step)
     checkpoint = ckpt.checkpoint_root(checkpoint)
-    step = ckpt.latest_step(checkpoint) if step is None else step
-    config = evaluate.model_config_for_strategy(ckpt.restore_config(checkpoint, step), task, strategy)
-    model, config, step = ckpt.load_model(checkpoint, step, config=config)
-    data_dir = data_dir or evaluate.data_dir_from_config(config)
-    if not data_dir:
-        raise ValueError("--data_dir is required (the checkpoint's config names no data_dir)")
-    if spec.dataset == "synthetic":  # prepared on demand, as in evaluate
+    ctx = evaluators.context(model, entry, config, data_dir=data_dir)
+    s = retrieval.lengths_for(model, entry, ctx)
+    if entry.dataset == "synthetic":  # prepared on demand, as in evaluate
         from eao_jax.prepare import prepare_once  # noqa: PLC0415
 
-        prepare_once("synthetic", data_dir, tfds_config)
-    data = pipelines.load_retrieval(spec.dataset, data_dir, spec.split, config=tfds_config, batch_size=num_items,
-                                    n_video_tokens=s["n_video_tokens"], n_stft=s["n_stft"],
-                                    video_strategy=s["video_strategy"], process_index=0, process_count=1)
+        prepare_once("synthetic", ctx.data_dir, ctx.tfds_config)
+    data = pipelines.load_retrieval(entry.dataset, ctx.data_dir, entry.split, config=ctx.tfds_config,
+                                    batch_size=num_items, n_video_tokens=s["n_video_tokens"], n_stft=s["n_stft"],
+                                    max_words=ctx.max_words, video_strategy=s["video_strategy"], process_index=0,
+                                    process_count=1)
     batch = next(iter(data))
-    result = modality_attention(model, batch, groups, valid=batch["valid"])
+    result = modality_attention(model, batch, groups, valid=batch["valid"], audio_pooling=s["audio_pooling"])
     doc = attention_json(result, task=task, checkpoint=os.fspath(checkpoint), step=step,
                          num_items=int(np.count_nonzero(batch["valid"])), strategy=strategy)
     png = os.fspath(output)

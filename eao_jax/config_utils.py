@@ -25,12 +25,6 @@ from eao_jax.model.eao import validate_model_config
 from eao_jax.parallel import mesh_shape
 
 
-def _eval_tasks() -> tuple[str, ...]:
-    from eao_jax.evaluate import TASKS  # noqa: PLC0415 (the evaluator's registry, only when checking)
-
-    return tuple(TASKS)
-
-
 class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the field name."""
 
@@ -58,7 +52,7 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 # Sections whose sub-fields the schema does not pin (free-form dicts).
-_FREE_FORM = ("loss.weights",)
+_FREE_FORM = ("loss.weights", "eval.tasks")  # eval.tasks: named entries, checked by eao_jax.evaluators
 
 
 def check_unknown_fields(config: Mapping[str, Any], reference: Mapping[str, Any] | None = None,
@@ -223,21 +217,18 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
         raise ConfigError(f"checkpoint.every_steps must be >= 0 (0: only at the end), got {c.every_steps!r}")
     if c.keep is not None and (not isinstance(c.keep, int) or c.keep < 1):
         raise ConfigError(f"checkpoint.keep must be a positive integer or None (keep all), got {c.keep!r}")
-    e = config.eval
-    if not isinstance(e.every_steps, int) or e.every_steps < -1:
-        raise ConfigError(f"eval.every_steps must be >= 0 (0: only at the end) or -1 (every epoch), "
-                          f"got {e.every_steps!r}")
-    tasks = _eval_tasks()
-    for task in e.tasks:
-        if task not in tasks:
-            raise ConfigError(f"eval.tasks: unknown task {task!r}; known: {', '.join(tasks)}")
-    _positive_int(e, "eval", "batch_size")
+    from eao_jax import evaluators  # noqa: PLC0415 (the evaluator registry checks its entries)
+
+    try:
+        evaluators.check(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def resolve_epoch_steps(config: ml_collections.ConfigDict, n_videos: int) -> ml_collections.ConfigDict:
     """Fills, in place, the fields derived from the size of the training split (`n_videos` videos):
     train.steps_per_epoch=-1 becomes n_videos // data.videos_per_batch (the original drops the last
-    partial batch) and eval.every_steps=-1 one epoch. Fields set to a number are kept. The one place
+    partial batch) and every_steps=-1 of an eval.tasks entry one epoch. Fields set to a number are kept. The one place
     that derives them: training calls it once the data is open, the benchmark with the dataset's size.
     Raises ConfigError when one batch needs more videos than the split has (a batch would repeat
     videos as each other's negatives). Returns `config`."""
@@ -247,8 +238,9 @@ def resolve_epoch_steps(config: ml_collections.ConfigDict, n_videos: int) -> ml_
                           f"videos of {d.dataset!r} (split {d.get('split') or 'train'!r})")
     if t.steps_per_epoch == -1:
         t.steps_per_epoch = n_videos // d.videos_per_batch
-    if config.eval.every_steps == -1:
-        config.eval.every_steps = t.steps_per_epoch
+    for entry in config.eval.tasks.values():
+        if entry.get("every_steps") == -1:
+            entry.every_steps = t.steps_per_epoch
     return config
 
 

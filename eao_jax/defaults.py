@@ -136,20 +136,91 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The zero-shot evaluations of the paper, by name: what each reads and which evaluator runs it
+# (`type`, a module of eao_jax/evaluators). An entry of eval.tasks names one of these (its key, or its
+# `task` field) and may change any setting of EVAL_SETTINGS[type].
+EVAL_TASKS: dict[str, dict[str, Any]] = {
+    "msrvtt": dict(type="retrieval", dataset="msrvtt", split="test"),  # the 1k-A test set
+    "youcook2": dict(type="retrieval", dataset="youcook2", split="val"),  # 3,350 validation clips
+    "synthetic": dict(type="retrieval", dataset="synthetic", split="retrieval"),
+    "crosstask": dict(type="localisation", dataset="crosstask", split="test", benchmark="crosstask"),
+    "mining_youtube": dict(type="localisation", dataset="mining_youtube", split="test", benchmark="mining_youtube"),
+    # Every task present is averaged (not CrossTask's 18 primary ones).
+    "synthetic_localization": dict(type="localisation", dataset="synthetic", split="localization",
+                                   benchmark="crosstask", all_tasks=True),
+}
+
+# The settings of an entry, per evaluator type, with their defaults.
+EVAL_SETTINGS: dict[str, dict[str, Any]] = {
+    "retrieval": dict(
+        every_steps=0,  # 0: only after the last step (eval.at_end); -1: after every epoch; N: every N steps
+        batch_size=16,  # items per process and step
+        tfds_config=None,  # builder config; None: the training one (same dataset) or the one matching model.video_dim
+        strategy="at_once",  # at_once | clip | nearest | max_pool | clips_average (long videos)
+    ),
+    "localisation": dict(
+        every_steps=0,
+        batch_size=64,  # one-second windows per process and step
+        tfds_config=None,
+        embedding="v+a",  # window embedding: late fusion v+a, or the fused pair va
+        decoder="dp",  # dp (ordered, one window per step) | argmax (best step per window)
+        log_softmax=None,  # row log-softmax over the steps before decoding; None: Mining YouTube only
+        convention="per_video",  # task recall: mean of per-video recalls, or hits pooled per task
+    ),
+}
+
+
+def eval_entry(name: str, settings: Mapping[str, Any] | None = None, *,
+               where: str | None = None) -> ml_collections.ConfigDict:
+    """The complete settings of the evaluation entry `name`: its task's fields (EVAL_TASKS[task],
+    task = settings['task'] or `name`), then the type's defaults (EVAL_SETTINGS), then `settings`.
+    Raises ValueError starting with `where` (default 'eval.tasks.NAME.') and the setting, for an
+    unknown task or setting."""
+    settings = dict(settings or {})
+    where = f"eval.tasks.{name}." if where is None else where
+    task = settings.pop("task", None) or name
+    if task not in EVAL_TASKS:
+        raise ValueError(f"{where}task: unknown task {task!r}; known: {', '.join(EVAL_TASKS)} "
+                         "(an entry's name is its task unless it sets task=...)")
+    fields = dict(EVAL_TASKS[task])
+    known = EVAL_SETTINGS[fields["type"]]
+    for key in settings:
+        if key not in known:
+            raise ValueError(f"{where}{key}: not a setting of a {fields['type']} evaluation ({task}); known: "
+                             + ", ".join(known))
+    return ml_collections.ConfigDict({"task": task, **fields, **known, **settings})
+
+
+_OPTIONAL_SETTINGS = {"tfds_config": str, "log_softmax": bool}  # settings whose default is None
+
+
+def eval_settings(task: str, **settings: Any) -> ml_collections.ConfigDict:
+    """An eval.tasks entry for `task` holding every setting of its type (the defaults, then
+    `settings`), so that each can be changed from the command line
+    (`--config.eval.tasks.msrvtt.batch_size=32`). Pass task=... to name the entry otherwise."""
+    entry = eval_entry(task, settings, where=f"eval_settings({task!r}): ")
+    out = ml_collections.ConfigDict()
+    if "task" in settings:
+        out.task = entry.task
+    for key in EVAL_SETTINGS[entry.type]:
+        value = entry[key]
+        out[key] = config_dict.placeholder(_OPTIONAL_SETTINGS[key]) if value is None else value
+    return out
+
+
 def eval_config() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
-    e.every_steps = 0  # 0: only after the last step; -1: after every epoch (train.steps_per_epoch)
-    e.tasks = ()
-    e.batch_size = 16
+    # Named evaluations {name: {setting: value}}, e.g. {"msrvtt": eval_settings("msrvtt", every_steps=-1),
+    # "msrvtt_clip": eval_settings("msrvtt", task="msrvtt", strategy="clip")}; settings an entry leaves
+    # out take their defaults (eval_entry).
+    e.tasks = ml_collections.ConfigDict()
     e.data_dir = config_dict.placeholder(str)  # TFDS data_dir of the eval datasets (default: data.data_dir)
-    e.at_end = True  # evaluate after the last step
-    # Read by eao_jax.evaluate.evaluate_model when set:
-    e.strategy = config_dict.placeholder(str)  # at_once (default) | clip | nearest | max_pool | clips_average
-    e.tfds_config = config_dict.placeholder(str)
-    e.loc_embedding = config_dict.placeholder(str)  # v+a | va
-    e.decoder = config_dict.placeholder(str)  # dp | argmax
+    e.at_end = True  # run every entry after the last step
+    # One training-length clip (8 s): what the clip / clips_average strategies and the localisation
+    # windows feed the model (video tokens at 1.5/s, STFT frames at 100/s).
+    e.clip = ml_collections.ConfigDict({"n_video_tokens": 12, "n_stft": 768})
     # "At once" (the paper's main setting): a whole test clip in one pass, with room for the longest
-    # clips of the split: MSR-VTT 32 s, YouCook2 48 s (video tokens at 1.5/s, STFT frames at 100/s).
+    # clips of the split: MSR-VTT 32 s, YouCook2 48 s. clips_average cuts these into `clip`-long pieces.
     e.at_once = ml_collections.ConfigDict({
         "msrvtt": {"n_video_tokens": 48, "n_stft": 3072},
         "youcook2": {"n_video_tokens": 72, "n_stft": 4608},

@@ -17,7 +17,8 @@ IN holds any of `video, video_mask, text, text_mask, audio, audio_mask[, audio_S
 An item whose mask is all zero has no such modality. OUT holds the L2-normalised embeddings of every
 combination whose modalities are all in IN (`text_embed`, ..., `tv_embed`, ..., `t+v_embed`, ...),
 (B, projection_dim) each, and the `*_nonempty_input_mask` arrays (B,). The model runs in eval mode
-(BatchNorm running statistics). Inputs and embeddings with NaN/Inf values are refused, and so is a
+(BatchNorm running statistics), through the evaluators' forward (eao_jax/evaluators/embedder.py),
+with the batch sharded over every device. Inputs and embeddings with NaN/Inf values are refused, and so is a
 checkpoint whose weights hold any (`checkpoint.load_model`): nothing is written then.
 """
 
@@ -29,15 +30,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from absl import app, flags
 
+from eao_jax.evaluators.embedder import Embedder, embed_rows, empty_inputs
 from eao_jax.lazy import lazy_import
 
 if TYPE_CHECKING:
     from eao_jax.model.eao import EverythingAtOnce
 
 # Imported on first use, so that `--help` answers without loading JAX / Flax / Orbax.
-jax = lazy_import("jax")
-jnp = lazy_import("jax.numpy")
-nnx = lazy_import("flax.nnx")
 checkpoint = lazy_import("eao_jax.checkpoint")
 eao = lazy_import("eao_jax.model.eao")
 
@@ -88,14 +87,7 @@ def _check_inputs(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray]) -> 
     # Absent modalities get one empty token so the forward runs; their outputs are dropped.
     for m in model.modalities:
         if m not in arrays:
-            if m == "audio":
-                t = model.audio_downsampling
-                arrays["audio"] = np.zeros((n, want_dim["audio"], t), np.float32)
-                arrays["audio_mask"] = np.zeros((n, t), np.float32)
-                arrays["audio_STFT_nframes"] = np.full((n,), -1, np.int32)
-            else:
-                arrays[m] = np.zeros((n, 1, want_dim[m]), np.float32)
-                arrays[f"{m}_mask"] = np.zeros((n, 1), np.float32)
+            arrays.update(empty_inputs(model, m, n))
     return arrays, n
 
 
@@ -115,28 +107,12 @@ def embed(model: EverythingAtOnce, inputs: Mapping[str, np.ndarray], *, batch_si
     """L2-normalised embeddings of `inputs` (see module docstring); numpy in, numpy out."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    model.eval()
     arrays, n = _check_inputs(model, inputs)
     present = {m for m in model.modalities if m in inputs}
     cross_modal = not model.per_modality_fusion and len(model.modalities) > 1
     names = _output_names(model, present, cross_modal)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, batch):
-        out = nnx.merge(graphdef, state)(batch, cross_modal=cross_modal, late_fusion=True)
-        return {k: (v if k.endswith("_mask") else eao.l2_normalize(v)) for k, v in out.items() if k in names}
-
-    bs = min(batch_size, n)
-    chunks = []
-    for start in range(0, n, bs):
-        chunk = {k: v[start:start + bs] for k, v in arrays.items()}
-        real = next(iter(chunk.values())).shape[0]
-        if real < bs:  # pad to a fixed shape: one compilation
-            chunk = {k: np.concatenate([v, np.zeros((bs - real,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
-        out = jax.device_get(forward(state, {k: jnp.asarray(v) for k, v in chunk.items()}))
-        chunks.append({k: v[:real] for k, v in out.items()})
-    result = {k: np.concatenate([c[k] for c in chunks]) for k in names}
+    embedder = Embedder(model, cross_modal=cross_modal, outputs=names, normalize=True)
+    result = embed_rows(embedder, arrays, embedder.round_batch_size(min(batch_size, n)), names)
     bad = [k for k, v in result.items() if not np.isfinite(v).all()]
     if bad:  # finite inputs were checked: the model's weights (or an overflow) made them
         raise FloatingPointError(f"embeddings {', '.join(bad)} hold NaN or Inf values (check the model's weights)")

@@ -47,7 +47,7 @@ from etils import epath
 from flax import nnx
 
 from eao_jax import checkpoint as ckpt
-from eao_jax import parallel
+from eao_jax import evaluators, parallel
 from eao_jax.config_utils import (
     RESUME_MAY_CHANGE,
     ConfigError,
@@ -403,32 +403,28 @@ def make_train_data(config: ml_collections.ConfigDict) -> tuple[Any, int]:
 def format_eval(task: str, results: Mapping[str, Any]) -> str:
     """The printed table of one evaluation result."""
     del task  # the results name their task
-    from eao_jax.evaluate import format_results  # noqa: PLC0415 (evaluation code only when used)
-
-    return format_results(results)
+    return evaluators.format_results(results)
 
 
 def run_evaluations(model: EverythingAtOnce, config: ml_collections.ConfigDict, workdir: str,
                     step: int, tasks: tuple[str, ...] | None = None, *, final: bool = True) -> dict[str, dict]:
-    """Zero-shot evaluation of `model` (eval mode) on `config.eval.tasks` (default).
+    """Zero-shot evaluation of `model` (eval mode) on the named entries `tasks` of config.eval.tasks
+    (default: all of them).
 
-    Writes WORKDIR/results/<task>.json (final) or WORKDIR/results/step_<step>/<task>.json
+    Writes WORKDIR/results/<name>.json (final) or WORKDIR/results/step_<step>/<name>.json
     (periodic), the schema of eao_jax/evaluation/report.py, plus the evaluator's recall@K plot, and returns
-    {task: results}. Runs on every process (the evaluation is collective); process 0 writes.
-    Uses `eao_jax.evaluate.evaluate_model` with the settings of `config.eval`.
+    {name: results}. Runs on every process (the evaluation is collective); process 0 writes.
     """
-    tasks = tuple(config.eval.tasks) if tasks is None else tasks
+    tasks = tuple(evaluators.entries(config)) if tasks is None else tasks
     if not tasks:
         return {}
     out_dir = os.path.join(workdir, RESULTS_SUBDIR) if final else os.path.join(workdir, RESULTS_SUBDIR,
                                                                                  f"step_{step}")
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
-    from eao_jax.evaluate import evaluate_model  # noqa: PLC0415 (the evaluator CLI's Python API)
-
     results = {}
     for task in tasks:
-        results[task] = evaluate_model(model, config, task=task, step=step, checkpoint=str(_checkpoint_dir(workdir)),
+        results[task] = evaluators.run(model, config, task, step=step, checkpoint=str(_checkpoint_dir(workdir)),
                                        output=os.path.join(out_dir, f"{task}.json"))
     return results
 
@@ -526,7 +522,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     # --------------------------------------------------------------------------- Data
     train_iter, n_videos = make_train_data(config)
-    resolve_epoch_steps(config, n_videos)  # train.steps_per_epoch / eval.every_steps = -1: from the data
+    resolve_epoch_steps(config, n_videos)  # train.steps_per_epoch / every_steps = -1 of evaluations: from the data
     num_steps = total_steps(config)
     clips_per_step = config.data.videos_per_batch * config.data.clips_per_video
 
@@ -655,10 +651,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             every_save = int(config.checkpoint.every_steps)
             if step == num_steps or (every_save and step % every_save == 0):
                 save(step, force=True)  # the interval is decided here, not by the manager
-            every = int(config.eval.every_steps)
-            if every and step % every == 0 and step != num_steps and config.eval.tasks:
+            due = evaluators.due(config, step) if step != num_steps else ()
+            if due:
                 check_window()  # close the throughput window before the (blocking) evaluation
-                results = run_evaluations(model_from_state(graphdef, state), config, workdir, step, final=False)
+                results = run_evaluations(model_from_state(graphdef, state), config, workdir, step, due, final=False)
                 for task, res in results.items():
                     logger.log_eval(step, task, res.get("metrics", res))
                 window.t0 = time.perf_counter()

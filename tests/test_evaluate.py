@@ -13,11 +13,14 @@ import pytest
 from flax import nnx
 
 from eao_jax import checkpoint as ckpt
-from eao_jax import evaluate
+from eao_jax import defaults, evaluators
 from eao_jax.data import pipelines
 from eao_jax.defaults import loss_config, model_config
 from eao_jax.evaluation import localisation as loc_lib
 from eao_jax.evaluation import retrieval as ret_lib
+from eao_jax.evaluators import embedder as embedder_lib
+from eao_jax.evaluators import localisation as loc_eval
+from eao_jax.evaluators import retrieval as ret_eval
 from eao_jax.model.eao import EverythingAtOnce
 from tfds_builders.synthetic import ensure_prepared
 
@@ -85,11 +88,17 @@ def reference(model, syn_dir):
     return get
 
 
+def lengths(strategy, dataset="synthetic", audio_downsampling=64):
+    """What `strategy` feeds the model, with the schema's eval.at_once / eval.clip lengths."""
+    ev = defaults.eval_config()
+    return ret_eval.input_lengths(strategy, ev.at_once[dataset], ev.clip, audio_downsampling)
+
+
 def reference_embeddings(model, syn_dir, strategy):
     """Item ids and raw embeddings from a plain single-device forward over the pipeline's batches."""
-    s = evaluate.strategy_settings("synthetic", strategy)
+    s = lengths(strategy)
     data = pipelines.load_retrieval("synthetic", syn_dir, "retrieval", config=SYN, batch_size=32,
-                                    n_video_tokens=s["n_video_tokens"], n_stft=s["n_stft"],
+                                    n_video_tokens=s["n_video_tokens"], n_stft=s["n_stft"], max_words=20,
                                     video_strategy=s["video_strategy"], cut_clips=s["cut_clips"],
                                     process_index=0, process_count=1)
     forward = nnx.jit(lambda m, b: m(b, cross_modal=True, late_fusion=True))
@@ -108,54 +117,86 @@ def reference_embeddings(model, syn_dir, strategy):
     return np.asarray(ids)[order], {k: v[order] for k, v in embeds.items()}
 
 
-def test_strategy_settings_follow_the_paper():
-    s = evaluate.strategy_settings("msrvtt", "at_once")
+def test_strategy_lengths_follow_the_paper():
+    s = lengths("at_once", "msrvtt")
     assert (s["n_video_tokens"], s["n_stft"], s["cut_clips"], s["audio_pooling"]) == (48, 3072, 0, None)
-    s = evaluate.strategy_settings("youcook2", "at_once")
+    s = lengths("at_once", "youcook2")
     assert (s["n_video_tokens"], s["n_stft"]) == (72, 4608)
-    s = evaluate.strategy_settings("youcook2", "clip")
+    s = lengths("clip", "youcook2")
     assert (s["n_video_tokens"], s["n_stft"], s["video_strategy"]) == (12, 768, "clip")
     for strategy in ("nearest", "max_pool"):
-        s = evaluate.strategy_settings("msrvtt", strategy)
+        s = lengths(strategy, "msrvtt")
         assert (s["n_video_tokens"], s["n_stft"], s["video_strategy"]) == (12, 3072, strategy)
-        assert (s["audio_pooling"], s["audio_pooling_tokens"]) == (strategy, 12)
-    assert evaluate.strategy_settings("msrvtt", "clips_average")["cut_clips"] == 4
-    s = evaluate.strategy_settings("youcook2", "clips_average")
+        assert s["audio_pooling"] == (strategy, 12)  # the 12 DAVEnet tokens of 768 frames, as the original
+    assert lengths("nearest", "msrvtt", audio_downsampling=16)["audio_pooling"] == ("nearest", 48)
+    assert lengths("clips_average", "msrvtt")["cut_clips"] == 4
+    s = lengths("clips_average", "youcook2")
     assert (s["cut_clips"], s["n_video_tokens"], s["n_stft"]) == (6, 12, 768)
     with pytest.raises(ValueError, match="unknown strategy"):
-        evaluate.strategy_settings("msrvtt", "sliding")
-    with pytest.raises(ValueError, match="retrieval tasks"):
-        evaluate.strategy_settings("crosstask", "clip")
-    with pytest.raises(ValueError, match="unknown task"):
-        evaluate.task_spec("kinetics")
-    # The model config for nearest/max_pool pools DAVEnet tokens to 12 (the original's 768-frame model).
-    cfg = ckpt.config_from_json({"model": model_config().to_dict()})
-    out = evaluate.model_config_for_strategy(cfg, "youcook2", "max_pool")
-    assert (out.model.audio_pooling, out.model.audio_pooling_tokens) == ("max_pool", 12)
-    assert cfg.model.audio_pooling == "none"  # the input config is not modified
-    assert evaluate.model_config_for_strategy(cfg, "youcook2", "at_once").model.audio_pooling == "none"
+        lengths("sliding")
+
+
+def test_config_entries_complete_check_and_schedule():
+    c = defaults.reference_config()
+    c.eval.tasks = {"msrvtt": defaults.eval_settings("msrvtt", every_steps=5),
+                    "yc_clip": {"task": "youcook2", "strategy": "clip"},  # partial: the rest are defaults
+                    "crosstask": {"every_steps": 2, "decoder": "argmax"}}
+    e = evaluators.entries(c)
+    assert list(e) == ["crosstask", "msrvtt", "yc_clip"]
+    assert (e["yc_clip"].task, e["yc_clip"].type, e["yc_clip"].split, e["yc_clip"].strategy) == (
+        "youcook2", "retrieval", "val", "clip")
+    assert (e["yc_clip"].batch_size, e["crosstask"].batch_size, e["crosstask"].embedding) == (16, 64, "v+a")
+    evaluators.check(c)
+    assert evaluators.due(c, 10) == ("crosstask", "msrvtt") and evaluators.due(c, 4) == ("crosstask",)
+    assert evaluators.due(c, 3) == ()
+    for tasks, match in [({"crosstask": {"strategy": "clip"}}, r"eval.tasks.crosstask.strategy: not a setting"),
+                         ({"kinetics": {}}, r"eval.tasks.kinetics.task: unknown task 'kinetics'"),
+                         ({"crosstask": {"decoder": "viterbi"}}, r"eval.tasks.crosstask.decoder must be one of"),
+                         ({"msrvtt": {"strategy": "sliding"}}, r"eval.tasks.msrvtt.strategy must be one of"),
+                         ({"msrvtt": {"every_steps": -2}}, r"eval.tasks.msrvtt.every_steps must be"),
+                         ({"msrvtt": {"batch_size": 0}}, r"eval.tasks.msrvtt.batch_size must be")]:
+        c.eval.tasks = tasks
+        with pytest.raises(ValueError, match=match):
+            evaluators.check(c)
+
+
+def test_one_cached_forward_serves_evaluators_and_attention(model):
+    from eao_jax import attention  # noqa: PLC0415
+
+    a = embedder_lib.Embedder(model, outputs=("t2v",))
+    b = embedder_lib.Embedder(model, outputs=("t2v",))
+    assert a._forward is b._forward  # one compiled forward per model structure and outputs
+    assert embedder_lib.Embedder(model, outputs=("v+a_embed",))._forward is not a._forward
+    graphdef, _ = nnx.split(model)
+    run, _ = attention._attention_fn(graphdef, (("text", "video", "audio"),), None)
+    assert attention._attention_fn(graphdef, (("text", "video", "audio"),), None)[0] is run
+    assert any(key[1][0] == "attention" for key in embedder_lib._CACHE)
 
 
 def test_default_builder_config_follows_video_dim(model):
     resnet = random_model(synthetic_model_config(video_dim=4096))
     s3d = random_model(synthetic_model_config(video_dim=1024))
-    assert evaluate.default_tfds_config("youcook2", resnet) == "resnet"
-    assert evaluate.default_tfds_config("msrvtt", s3d) == "s3d"
-    assert evaluate.default_tfds_config("synthetic", resnet) is None  # prepared default
-    assert evaluate.default_tfds_config("youcook2", model) is None  # 64-d: no released backbone
+    yc, msr, syn = (defaults.eval_entry(t) for t in ("youcook2", "msrvtt", "synthetic"))
+    assert evaluators.default_tfds_config(yc, resnet) == "resnet"
+    assert evaluators.default_tfds_config(msr, s3d) == "s3d"
+    assert evaluators.default_tfds_config(syn, resnet) is None  # prepared default
+    assert evaluators.default_tfds_config(yc, model) is None  # 64-d: no released backbone
+    trained = defaults.reference_config()
+    trained.data.dataset, trained.data.tfds_config = "synthetic", "tiny"
+    assert evaluators.default_tfds_config(syn, model, trained) == "tiny"  # the training dataset's config
 
 
 @pytest.mark.parametrize("strategy", ["at_once", "clips_average"])
 def test_sharded_embeddings_equal_single_device_forward(model, syn_dir, reference, strategy):
     ref_ids, ref = reference(strategy)
-    s = evaluate.strategy_settings("synthetic", strategy)
-    embedder = evaluate.Embedder(model)  # all 8 devices, batch sharded over `data`
+    s = lengths(strategy)
+    embedder = embedder_lib.Embedder(model)  # all 8 devices, batch sharded over `data`
     assert embedder.mesh.shape["data"] == jax.device_count() == 8
     per_step = 8 // max(1, s["cut_clips"])  # items per step (each clips_average item is 4 rows)
     data = pipelines.load_retrieval("synthetic", syn_dir, "retrieval", config=SYN, batch_size=per_step,
-                                    n_video_tokens=s["n_video_tokens"], n_stft=s["n_stft"],
+                                    n_video_tokens=s["n_video_tokens"], n_stft=s["n_stft"], max_words=20,
                                     video_strategy=s["video_strategy"], cut_clips=s["cut_clips"])
-    ids, embeds = evaluate.retrieval_embeddings(embedder, data, clips_average=strategy == "clips_average")
+    ids, embeds = ret_eval.retrieval_embeddings(embedder, data, clips_average=strategy == "clips_average")
     np.testing.assert_array_equal(ids, np.arange(32))
     np.testing.assert_array_equal(ref_ids, ids)
     assert set(embeds) == set(ref) and len(embeds) == 9
@@ -166,7 +207,7 @@ def test_sharded_embeddings_equal_single_device_forward(model, syn_dir, referenc
 def test_evaluate_task_results_json_table_and_plot(model, syn_dir, reference, tmp_path):
     out = tmp_path / "res" / "synthetic.json"
     # 5 items per step: rounded up to the 8 devices, the last batch padded.
-    res = evaluate.evaluate_task(model, "synthetic", data_dir=syn_dir, tfds_config=SYN, batch_size=5,
+    res = evaluators.evaluate(model, "synthetic", data_dir=syn_dir, tfds_config=SYN, batch_size=5,
                                  output=out, checkpoint="CKPT", step=3)
     on_disk = json.loads(out.read_text())
     assert on_disk == res
@@ -181,12 +222,12 @@ def test_evaluate_task_results_json_table_and_plot(model, syn_dir, reference, tm
             assert res["metrics"][d][k] == pytest.approx(m[k], abs=1e-6), (d, k)
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = evaluate.format_results(res)
+    table = evaluators.format_results(res)
     assert "t2v+a" in table and "evaluated 32 of 32" in table
 
 
 def test_pooling_strategy_leaves_the_model_unchanged(model, syn_dir):
-    res = evaluate.evaluate_task(model, "synthetic", data_dir=syn_dir, tfds_config=SYN, strategy="nearest",
+    res = evaluators.evaluate(model, "synthetic", data_dir=syn_dir, tfds_config=SYN, strategy="nearest",
                                  batch_size=8)
     assert res["settings"]["audio_pooling"] == "nearest" and res["settings"]["n_video_tokens"] == 12
     assert model.audio_pooling == "none"  # the override was temporary
@@ -198,25 +239,25 @@ def test_pooling_strategy_leaves_the_model_unchanged(model, syn_dir):
 def test_bad_requests_fail_with_clear_errors(model, syn_dir):
     pos = random_model(synthetic_model_config(use_positional_emb=True))
     with pytest.raises(ValueError, match="positional embeddings"):
-        evaluate.evaluate_task(pos, "synthetic", data_dir=syn_dir, tfds_config=SYN)
-    with pytest.raises(ValueError, match="retrieval tasks"):
-        evaluate.evaluate_task(model, "synthetic_localization", data_dir=syn_dir, tfds_config=SYN, strategy="clip")
-    with pytest.raises(ValueError, match="decoder"):
-        evaluate.evaluate_task(model, "synthetic_localization", data_dir=syn_dir, tfds_config=SYN, decoder="viterbi")
+        evaluators.evaluate(pos, "synthetic", data_dir=syn_dir, tfds_config=SYN)
+    with pytest.raises(ValueError, match="synthetic_localization: strategy: not a setting of a localisation"):
+        evaluators.evaluate(model, "synthetic_localization", data_dir=syn_dir, tfds_config=SYN, strategy="clip")
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        evaluators.evaluate(model, "synthetic_localization", data_dir=syn_dir, tfds_config=SYN, decoder="viterbi")
     per_mod = random_model(synthetic_model_config(fusion="per_modality"))
     with pytest.raises(ValueError, match="fused pairs"):
-        evaluate.evaluate_task(per_mod, "synthetic_localization", data_dir=syn_dir, tfds_config=SYN,
-                               loc_embedding="va")
+        evaluators.evaluate(per_mod, "synthetic_localization", data_dir=syn_dir, tfds_config=SYN,
+                            embedding="va")
     wrong = random_model(synthetic_model_config(video_dim=24))
     with pytest.raises(ValueError, match="model.video_dim=24"):
-        evaluate.evaluate_task(wrong, "synthetic", data_dir=syn_dir, tfds_config=SYN)
+        evaluators.evaluate(wrong, "synthetic", data_dir=syn_dir, tfds_config=SYN)
     with pytest.raises(FileNotFoundError, match="youcook2"):
-        evaluate.evaluate_task(model, "youcook2", data_dir=syn_dir)
+        evaluators.evaluate(model, "youcook2", data_dir=syn_dir)
 
 
 def test_localisation_end_to_end(model, syn_dir, tmp_path):
     out = tmp_path / "loc.json"
-    res = evaluate.evaluate_task(model, "synthetic_localization", data_dir=syn_dir, tfds_config=SYN, batch_size=16,
+    res = evaluators.evaluate(model, "synthetic_localization", data_dir=syn_dir, tfds_config=SYN, batch_size=16,
                                  output=out)
     assert json.loads(out.read_text()) == res
     assert not out.with_suffix(".png").exists()
@@ -227,15 +268,16 @@ def test_localisation_end_to_end(model, syn_dir, tmp_path):
     assert len(per_task) == 2
     assert all(0.0 <= r <= 100.0 for r in per_task.values())
     assert res["metrics"]["recall"] == pytest.approx(np.mean(list(per_task.values())))
-    assert "mean" in evaluate.format_results(res)
+    assert "mean" in evaluators.format_results(res)
 
     # The (T, K) scores of one video equal cosine(text_embed of the steps, v+a of the windows) from a
     # plain forward, and the recall follows from decoding them.
-    data = pipelines.load_localization("synthetic", syn_dir, "localization", config=SYN)
+    data = pipelines.load_localization("synthetic", syn_dir, "localization", config=SYN, n_video_tokens=12,
+                                       n_stft=768, max_words=20)
     video = data[0]
     # The same batch sizes as the evaluation above: its compiled forward is reused.
-    embedder = evaluate.Embedder(model, outputs=("v+a_embed", "text_embed"), cross_modal=False)
-    scores = evaluate.localisation_scores(embedder, embedder.model, video, batch_size=16, step_batch_size=16)
+    embedder = embedder_lib.Embedder(model, outputs=("v+a_embed", "text_embed"), cross_modal=False)
+    scores = loc_eval.localisation_scores(embedder, video, embedding="v+a", batch_size=16, step_batch_size=16)
     t, k = video["annotation"].shape
     assert scores.shape == (t, k)
     forward = nnx.jit(lambda m, b: m(b, cross_modal=False, late_fusion=True))
@@ -250,17 +292,16 @@ def test_localisation_end_to_end(model, syn_dir, tmp_path):
     np.testing.assert_allclose(scores, expected, atol=2e-5)
 
 
-def test_evaluate_model_hook_reads_the_training_config(model, syn_dir, tmp_path):
-    import ml_collections
-
-    config = ml_collections.ConfigDict({
-        "model": synthetic_model_config().to_dict(),
-        "data": {"dataset": "synthetic", "data_dir": os.fspath(syn_dir), "tfds_config": SYN, "max_words": 20},
-        "eval": {"batch_size": 8, "data_dir": None, "strategy": None, "tfds_config": None,
-                 "loc_embedding": None, "decoder": None},
-    })
-    res = evaluate.evaluate_model(model, config, task="synthetic", step=11, output=tmp_path / "r.json")
+def test_training_hook_runs_a_named_entry_of_the_config(model, syn_dir, tmp_path):
+    config = defaults.reference_config()
+    config.model = synthetic_model_config()
+    config.data.dataset, config.data.data_dir, config.data.tfds_config = "synthetic", os.fspath(syn_dir), SYN
+    config.eval.tasks = {"syn_clip": {"task": "synthetic", "strategy": "clip", "batch_size": 8}}
+    res = evaluators.run(model, config, "syn_clip", step=11, output=tmp_path / "r.json")
     assert res["step"] == 11 and res["num_queries"] == 32 and (tmp_path / "r.png").exists()
+    # The entry's settings, and the training dataset's builder config, were used.
+    assert (res["settings"]["strategy"], res["settings"]["n_video_tokens"], res["settings"]["tfds_config"]) == (
+        "clip", 12, SYN)
 
 
 def test_cli_on_a_saved_checkpoint(model, syn_dir, tmp_path):
@@ -281,7 +322,7 @@ def test_cli_on_a_saved_checkpoint(model, syn_dir, tmp_path):
     assert res["num_queries"] == 32 and "t2v" in proc.stdout and "evaluated 32 of 32" in proc.stdout
     assert out.with_suffix(".png").exists()
     # Same numbers as evaluating the in-memory model.
-    direct = evaluate.evaluate_task(model, "synthetic", data_dir=syn_dir, tfds_config=SYN, batch_size=8)
+    direct = evaluators.evaluate(model, "synthetic", data_dir=syn_dir, tfds_config=SYN, batch_size=8)
     for d in ret_lib.DIRECTIONS:
         for key in ("R1", "R5", "R10", "MedR"):
             assert res["metrics"][d][key] == pytest.approx(direct["metrics"][d][key], abs=1e-6), (d, key)

@@ -329,12 +329,14 @@ class EverythingAtOnce(nnx.Module):
                     l2_normalize(out[f"{x}_embed"]) + l2_normalize(out[f"{y}_embed"])) / 2
         return out
 
-    def attention_maps(self, batch: Mapping[str, jax.Array], passes: Sequence[Pass] | None = None) -> dict:
+    def attention_maps(self, batch: Mapping[str, jax.Array], passes: Sequence[Pass] | None = None, *,
+                       audio_pooling: tuple[str, int] | None = None) -> dict:
         """Attention weights per block for `passes` (default: everything in one group, i.e. the
-        tri-modal joint pass), with the group ids and modality spans of the sequence."""
+        tri-modal joint pass), with the group ids and modality spans of the sequence.
+        `audio_pooling`: see `embed_tokens`."""
         if self.per_modality_fusion:
             raise ValueError("attention maps need model.fusion='shared'")
-        tokens, masks, _ = self.embed_tokens(batch)
+        tokens, masks, _ = self.embed_tokens(batch, audio_pooling=audio_pooling)
         passes = passes or [(tuple(self.modalities),)]
         res = self.run_passes(tokens, masks, passes, return_attention=True)
         res["masks"] = masks
