@@ -7,7 +7,7 @@ r"""Training-step benchmark and memory analysis (issue #7).
 
 Timing mode builds the real sharded train step (`train.make_train_step`: donated state, batch
 sharded over the mesh's data axis) on synthetic batches of the config's shapes (fed through
-`train.DevicePrefetcher`, as the training loop does), compiles it, runs `--warmup` steps and then
+`train_host.DevicePrefetcher`, as the training loop does), compiles it, runs `--warmup` steps and then
 `--steps` timed steps. The dense matmul peak of the machine (`--matmul_size` square, in the step's
 compute dtype, best of `--matmul_repeats`) is probed every `--peak_every` steps *between* the timed
 steps, so both see the same machine load; the reported peak is the median of the probes.
@@ -90,6 +90,7 @@ nnx = lazy_import("flax.nnx")
 config_utils = lazy_import("eao_jax.config_utils")
 parallel = lazy_import("eao_jax.parallel")
 train = lazy_import("eao_jax.train")
+train_host = lazy_import("eao_jax.train_host")
 eao = lazy_import("eao_jax.model.eao")
 
 REQUIRED_KEYS = ("device_kind", "device_count", "step_time_s", "clips_per_s", "model_flops_per_step",
@@ -334,7 +335,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
     graphdef, state, shardings = train.init_train_state(config, mesh)
     step_fn = train.make_train_step(config, mesh, graphdef, shardings)
     host_batches = [synthetic_batch(config, seed=i) for i in range(2)]
-    prefetch = train.DevicePrefetcher(_cycle(host_batches), mesh, size=2)
+    prefetch = train_host.DevicePrefetcher(_cycle(host_batches), mesh, size=2)
     try:
         first = next(prefetch).batch
         t0 = time.perf_counter()

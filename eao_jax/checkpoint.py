@@ -240,8 +240,9 @@ def training_manager(directory: str | epath.Path, ckpt_cfg: ml_collections.Confi
                      read_only: bool = False) -> ocp.CheckpointManager:
     """The training `CheckpointManager` over `directory` (created if missing).
 
-    ckpt_cfg: `config.checkpoint` (every_steps, keep, async_save). Saving off the interval needs
-    `force=True` (final save, preemption).
+    ckpt_cfg: `config.checkpoint` (every_steps, keep, async_save). The manager's save policy owns
+    the interval: `save(step)` without `force` saves the multiples of `every_steps` (none when it is
+    0) and a step the preemption notifier reached; the final save needs `force=True`.
     """
     cfg = ckpt_cfg if ckpt_cfg is not None else ml_collections.ConfigDict()
     every = int(cfg.get("every_steps", 1000) or 0)
@@ -249,8 +250,13 @@ def training_manager(directory: str | epath.Path, ckpt_cfg: ml_collections.Confi
     if read_only:
         options = _read_only_options()
     else:
+        # Spelled out: Orbax's default policy would also save the first step of a fresh run.
+        policies: list[ocp.checkpoint_managers.SaveDecisionPolicy] = [
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+        if every > 0:
+            policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(every, 1) if every > 0 else 2**62,
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
             max_to_keep=int(keep) if keep else None,
             enable_async_checkpointing=bool(cfg.get("async_save", True)),
             create=True,

@@ -66,22 +66,26 @@ def main(argv: list[str]) -> None:
         config = train.prepare_config(config, workdir)
         result = train.train_and_evaluate(config, workdir, progress_bar=_PROGRESS.value)  # writes config.json
     except config_utils.ConfigError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"Config error: {e}")
     except checkpoint.NonFiniteStateError as e:  # train.NonFiniteLossError included
-        print(f"Training stopped: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"Training stopped: {e}")
     except checkpoint.CheckpointSaveError as e:
-        print(f"Training stopped: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"Training stopped: {e}")
     except (WorkdirLockedError, checkpoint.CheckpointRestoreError) as e:
-        print(f"Training refused: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"Training refused: {e}")
     if info.is_main:
         for task, res in result.eval_results.items():
             print(train.format_eval(task, res))
         logging.info("Run %s at step %d.", result.status, result.step)
         print(f"{result.status} at step {result.step}; workdir {workdir}")
+
+
+def _fail(line: str) -> None:
+    """Ends the command with `line` on stderr in one write: Orbax / TensorStore threads may still be
+    printing at exit, and a separate newline write would let their output into the line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    sys.exit(1)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -9,10 +9,14 @@ function `(state, batch) -> (state, metrics)` that merges, differentiates with
 store `nnx.to_pure_dict` of the two halves as the `model` and `opt` items (checkpoint.py), so
 `model` has exactly the layout of a converted checkpoint.
 
-Loop sections (`train_and_evaluate`): setup -> mesh -> data -> abstract init + shardings ->
-restore / init_from / sharded init -> compile -> loop (async dispatch; metrics fetched every
-`train.log_every` steps; next batch placed on the devices while the step runs; periodic
-checkpoints and evaluations; SIGTERM / preemption) -> final save -> final evaluation.
+Loop sections (`train_and_evaluate`; functions sharing one `_Run` record, in file order):
+`_setup` (mesh, data, abstract state + shardings, checkpoint manager) -> `_restore_or_init`
+(newest complete checkpoint, else init_from or a sharded init) -> `_start` (config.json, metrics
+logger, stop flag, device prefetch) -> `_iterate` (async dispatch; metrics fetched every
+`train.log_every` steps; next batch placed on the devices while the step runs; checkpoints when the
+manager's save policy of `checkpoint.every_steps` says so; `_evaluate_if_due`; SIGTERM /
+preemption) -> `_save_final` -> `_finish` (final evaluation). The host-side helpers (prefetcher,
+stop flag, metric window) are in train_host.py.
 
 Numerics: parameters and optimizer state are float32; `model.dtype="bfloat16"` makes the matmuls
 and convolutions bf16 (the model casts), the loss is computed in float32 on the embeddings.
@@ -26,15 +30,11 @@ non-finite state is ever saved.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import os
-import queue
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
@@ -59,6 +60,7 @@ from eao_jax.config_utils import (
 from eao_jax.loss import combinatorial_loss
 from eao_jax.metrics_log import MetricsLogger
 from eao_jax.model.eao import EverythingAtOnce
+from eao_jax.train_host import DevicePrefetcher, MetricWindow, PrefetchedBatch, StopFlag
 from eao_jax.workdir_lock import WorkdirLock
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -196,16 +198,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
         grad_norm = optax.tree.norm(grads)
         lr = schedule(ts.opt.step[...])
         ts.opt.update(ts.model, grads)
-        new_leaves, treedef = jax.tree.flatten(nnx.state(ts))
-        # A finite loss and gradient can still give a non-finite update (an absurd learning rate or
-        # optimizer state), so the updated state itself is checked too.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        for leaf in new_leaves:
-            if jnp.issubdtype(leaf.dtype, jnp.inexact):
-                finite &= jnp.isfinite(leaf).all()
-        # Skip the whole update (params, moments, BatchNorm statistics, step) when non-finite.
-        new_state = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in
-                                                 zip(new_leaves, old_leaves, strict=True)])
+        new_state, finite = _keep_if_finite(nnx.state(ts), old_leaves, loss, grad_norm)
         metrics = {k: v.astype(jnp.float32) for k, v in info.items() if k != "total"}
         metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
                        lr=jnp.asarray(lr, jnp.float32), finite=finite.astype(jnp.float32))
@@ -216,150 +209,20 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
                    donate_argnums=(0,) if donate else ())
 
 
-# ------------------------------------------------------------------------------------------------
-# Host-side helpers: device prefetch, preemption flag, metric windows
-
-
-@dataclasses.dataclass
-class PrefetchedBatch:
-    batch: dict[str, jax.Array]  # global arrays on the devices
-    data_state: Any  # the iterator state right after this batch was read
-    wait_s: float  # time the consumer waited for it
-
-
-class DevicePrefetcher:
-    """Reads host batches in a background thread and places them on the devices (global arrays),
-    keeping up to `size` batches ready, so the host->device copy overlaps the running step.
-
-    Each batch carries the iterator state captured just after it was read: saving that state with
-    the model that consumed the batch resumes exactly after it, although the reader runs ahead.
-    """
-
-    def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, size: int = 2,
-                 get_state: Callable[[], Any] | None = None):
-        self._it = iterator
-        self._mesh = mesh
-        self._get_state = get_state if get_state is not None else getattr(iterator, "get_state", None)
-        self._q: queue.Queue = queue.Queue(maxsize=max(size, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="device-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for host_batch in self._it:
-                state = copy.deepcopy(self._get_state()) if self._get_state is not None else None
-                item = (parallel.global_batch(host_batch, self._mesh), state, None)
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._put_final(StopIteration())
-        except BaseException as e:  # surfaced in the consumer
-            self._put_final(e)
-
-    def _put_final(self, exc: BaseException) -> None:
-        while not self._stop.is_set():
-            try:
-                self._q.put((None, None, exc), timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self) -> DevicePrefetcher:
-        return self
-
-    def __next__(self) -> PrefetchedBatch:
-        t0 = time.perf_counter()
-        batch, state, exc = self._q.get()
-        wait = time.perf_counter() - t0
-        if exc is not None:
-            if isinstance(exc, StopIteration):
-                raise StopIteration
-            raise RuntimeError(f"the training data pipeline failed: {exc}") from exc
-        return PrefetchedBatch(batch, state, wait)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class StopFlag:
-    """Set by SIGTERM (preemption, scancel, docker stop) or a first Ctrl-C: the loop saves and exits.
-
-    Only installed in single-process runs: with jax.distributed, JAX's preemption notifier owns
-    SIGTERM (in any process) and the loop asks Orbax's `reached_preemption(step)`, true in every
-    process at the same step (chosen by the coordination service); all processes then save that
-    step and stop, as here.
-    """
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> StopFlag:
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.event.is_set():
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.signal_name = signal.Signals(signum).name
-        self.event.set()
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-class MetricWindow:
-    """Per-step device metrics kept un-fetched until the next log / checkpoint (no per-step sync)."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.metrics: list[dict[str, jax.Array]] = []
-        self.data_wait = 0.0
-        self.t0 = time.perf_counter()
-
-    def add(self, step: int, metrics: dict[str, jax.Array], wait_s: float) -> None:
-        self.steps.append(step)
-        self.metrics.append(metrics)
-        self.data_wait += wait_s
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def fetch(self, clips_per_step: int) -> tuple[dict[str, float], tuple[int, dict[str, float]] | None]:
-        """Fetches and averages the window. Returns (averages, (step, metrics) of the first step
-        whose update was skipped as non-finite, or None). Resets the window."""
-        host = jax.device_get(self.metrics)
-        elapsed = time.perf_counter() - self.t0
-        bad = None
-        for step, m in zip(self.steps, host, strict=True):
-            if m["finite"] < 1:
-                bad = (step, {k: float(v) for k, v in m.items()})
-                break
-        avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]} if host else {}
-        n = len(self.steps)
-        avg.pop("finite", None)
-        if n:
-            avg["clips_per_s"] = n * clips_per_step / max(elapsed, 1e-9)
-            avg["data_wait"] = self.data_wait / n
-            avg["step_time"] = elapsed / n
-        self.__init__()
-        return avg, bad
+def _keep_if_finite(new_state: nnx.State, old_leaves: list[jax.Array], loss: jax.Array,
+                    grad_norm: jax.Array) -> tuple[nnx.State, jax.Array]:
+    """(`new_state`, True) when the loss, the gradient norm and every updated leaf are finite, else
+    (the state of `old_leaves`, False): the whole update (params, moments, BatchNorm statistics, step)
+    is skipped. Traced inside the step."""
+    new_leaves, treedef = jax.tree.flatten(new_state)
+    # A finite loss and gradient can still give a non-finite update (an absurd learning rate or
+    # optimizer state), so the updated state itself is checked too.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    for leaf in new_leaves:
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            finite &= jnp.isfinite(leaf).all()
+    kept = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in zip(new_leaves, old_leaves, strict=True)])
+    return kept, finite
 
 
 # ------------------------------------------------------------------------------------------------
@@ -512,171 +375,251 @@ def _check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> Cal
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         progress_bar: bool = True) -> TrainResult:
-    # --------------------------------------------------------------------------- Setup
-    process_index, process_count = jax.process_index(), jax.process_count()
-    is_main = process_index == 0
-
-    # --------------------------------------------------------------------------- Mesh
-    mesh = parallel.make_mesh(config.mesh)
-    logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size, process_count)
-
-    # --------------------------------------------------------------------------- Data
-    train_iter, n_videos = make_train_data(config)
-    resolve_epoch_steps(config, n_videos)  # train.steps_per_epoch / every_steps = -1 of evaluations: from the data
-    num_steps = total_steps(config)
-    clips_per_step = config.data.videos_per_batch * config.data.clips_per_video
-
-    # --------------------------------------------------------------------------- Model: shapes first
-    graphdef, abstract = abstract_train_state(config)
-    shardings = state_shardings(abstract, mesh, config)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["model"]))
-    logging.info("Model: %.2f M parameters and statistics.", n_params / 1e6)
-
-    # --------------------------------------------------------------------------- Restore or init
-    mngr = ckpt.training_manager(_checkpoint_dir(workdir), config.checkpoint)
-    data_state = None
-    try:  # the newest step that restores completely; damaged newer ones are skipped and set aside
-        restored = ckpt.restore_newest_training(
-            mngr, model_target=_targets(abstract["model"], shardings["model"]),
-            opt_target=_targets(abstract["opt"], shardings["opt"]), check_config=_check_resume_config(config, workdir))
-    except BaseException:
-        mngr.close()
-        raise
-    if restored is not None:
-        start_step, model_vars, opt_vars, snapshot, skipped = restored
-        state = _fill(abstract, {"model": model_vars, "opt": opt_vars})
-        if snapshot is not None:
-            train_iter.set_state(snapshot.state)
-            data_state = snapshot.state
-        resume_msg = f"resumed from {_checkpoint_dir(workdir)}/{start_step}"
-        if snapshot is None:
-            resume_msg += " (no data iterator state in the checkpoint: the data order restarts)"
-        if skipped:
-            resume_msg += (" after skipping damaged newer steps (" + "; ".join(f"step {s}: {why}" for s, why in skipped)
-                           + f"; moved to {ckpt.resolve_path(workdir) / ckpt.CORRUPT_SUBDIR})")
-    else:
-        start_step = 0
-        _, state, _ = init_train_state(config, mesh)
-        resume_msg = "initialised from scratch"
-        if config.init_from:
-            root, step = resolve_init_from(config.init_from)
-            _check_init_from_config(root, step, config)
-            model_vars = ckpt.restore_model_variables(root, step, _targets(abstract["model"], shardings["model"]))
-            pure = _pure(state)
-            pure["model"] = model_vars
-            state = _fill(abstract, pure)
-            resume_msg = f"model initialised from {root}/{step} (fresh optimizer)"
-
-    if is_main:  # under the workdir lock and after the resume check: never another run's record
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(json.dumps(ckpt.config_to_json(config), indent=1) + "\n")
-    logger = MetricsLogger(workdir, num_steps, start_step, enabled=is_main, progress_bar=progress_bar)
-    logger.log_event(start_step, resume_msg, num_steps=num_steps, global_batch=clips_per_step,
-                     mesh=dict(mesh.shape))
-    stop = StopFlag()
-    if not jax.distributed.is_initialized():
-        stop.install()
-    prefetch = DevicePrefetcher(train_iter, mesh, size=max(int(config.data.get("prefetch", 2)), 1))
-
-    train_step = make_train_step(config, mesh, graphdef, shardings)
-    window = MetricWindow()
-    last_avg: dict[str, float] = {}
-    last_saved = start_step if mngr.latest_step() is not None else None
-    status = "finished"
-    step = start_step
-
-    def check_window() -> None:
-        nonlocal last_avg
-        if not len(window):
-            return
-        avg, bad = window.fetch(clips_per_step)
-        if bad is not None:
-            bad_step, m = bad
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("finite", "lr"))
-            where = (f"the last checkpoint is step {last_saved} in {_checkpoint_dir(workdir)}"
-                     if last_saved is not None else "no checkpoint was saved")
-            what = ("loss or gradient" if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
-                    else "update (parameters or optimizer state after a finite gradient)")
-            msg = (f"non-finite {what} at step {bad_step} ({terms}); the update was skipped "
-                   f"and training stops: {where}. Lower train.lr or check the data and init_from.")
-            logger.log_event(bad_step, "stopped: " + msg)
-            raise NonFiniteLossError(msg)
-        last_avg = avg
-        logger.log_train(window_last_step, avg)
-
-    def save(step: int, force: bool) -> None:
-        nonlocal last_saved
-        check_window()
-        if ckpt.save_training(mngr, step, model_vars=_pure(state["model"]), opt_vars=_pure(state["opt"]),
-                              config=config, data_state=ckpt.IteratorSnapshot(data_state) if data_state is not None
-                              else None, force=force):
-            last_saved = step
-
-    window_last_step = start_step
+    run = _setup(config, workdir)
     try:
-        # ----------------------------------------------------------------------- Loop
-        first = True
-        while step < num_steps:
-            try:
-                item = next(prefetch)
-            except StopIteration:
-                raise RuntimeError(f"the training data ran out at step {step} of {num_steps}") from None
-            if first:
-                check_batch_against_model({k: v.shape for k, v in item.batch.items()}, config)
-                t_compile = time.perf_counter()
-            state, metrics = train_step(state, item.batch)
-            ckpt.check_save_errors(mngr, last_saved)  # a failed background save stops the run now
-            step += 1
-            data_state = item.data_state
-            window.add(step, metrics, item.wait_s)
-            window_last_step = step
-            logger.advance()
-            if first:
-                jax.block_until_ready(metrics)
-                took = time.perf_counter() - t_compile
-                logger.log_event(step, f"first step (compilation included) took {took:.1f} s")
-                window.t0 = time.perf_counter()  # throughput excludes compilation
-                logger.start_timing()  # and so does the progress bar's ETA
-                first = False
-
-            preempted = stop.is_set() or mngr.reached_preemption(step)
-            if step % config.train.log_every == 0 or step == num_steps:
-                check_window()
-            if preempted:
-                save(step, force=True)
-                ckpt.wait_for_saves(mngr)
-                status = "preempted"
-                logger.log_event(step, f"stop requested ({stop.signal_name or 'preemption'}): saved step {step}")
-                break
-            every_save = int(config.checkpoint.every_steps)
-            if step == num_steps or (every_save and step % every_save == 0):
-                save(step, force=True)  # the interval is decided here, not by the manager
-            due = evaluators.due(config, step) if step != num_steps else ()
-            if due:
-                check_window()  # close the throughput window before the (blocking) evaluation
-                results = run_evaluations(model_from_state(graphdef, state), config, workdir, step, due, final=False)
-                for task, res in results.items():
-                    logger.log_eval(step, task, res.get("metrics", res))
-                window.t0 = time.perf_counter()
-        check_window()
-        if status == "finished" and last_saved != step:
-            save(step, force=True)
-        ckpt.wait_for_saves(mngr)
+        step, state, resume_msg = _restore_or_init(run)
     except BaseException:
-        logger.close()
+        run.mngr.close()
+        raise
+    _start(run, step, resume_msg, progress_bar=progress_bar)
+    train_step = make_train_step(config, run.mesh, run.graphdef, run.shardings)
+    try:
+        step, state, status = _iterate(run, train_step, step, state)
+        _save_final(run, step, state, status)
+    except BaseException:
+        run.logger.close()
         raise
     finally:
-        prefetch.close()
-        stop.restore()
-        mngr.close()  # waits for a save in flight
+        run.prefetch.close()
+        run.stop.restore()
+        run.mngr.close()  # waits for a save in flight
+    return _finish(run, step, state, status)
 
-    # --------------------------------------------------------------------------- Final evaluation
-    logger.close_bar()
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop sections share. `_setup` fills the first block, `_start` the logger and the
+    prefetcher; the last block changes as the loop runs."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    abstract: nnx.State  # the train state's ShapeDtypeStructs
+    shardings: nnx.State
+    train_iter: Any  # this process's checkpointable data iterator
+    num_steps: int
+    clips_per_step: int
+    mngr: ocp.CheckpointManager
+    stop: StopFlag = dataclasses.field(default_factory=StopFlag)
+    window: MetricWindow = dataclasses.field(default_factory=MetricWindow)
+    logger: MetricsLogger | None = None
+    prefetch: DevicePrefetcher | None = None
+    last_saved: int | None = None  # the newest step saved (or resumed from)
+    last_avg: dict[str, float] = dataclasses.field(default_factory=dict)  # the last logged metric averages
+    data_state: Any = None  # the iterator state after the last batch the state has consumed
+
+
+# --------------------------------------------------------------------------- Setup
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+    """Mesh, data, the abstract state and its shardings, the checkpoint manager: nothing allocated."""
+    mesh = parallel.make_mesh(config.mesh)
+    logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size, jax.process_count())
+    train_iter, n_videos = make_train_data(config)
+    resolve_epoch_steps(config, n_videos)  # train.steps_per_epoch / every_steps = -1 of evaluations: from the data
+    graphdef, abstract = abstract_train_state(config)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["model"]))
+    logging.info("Model: %.2f M parameters and statistics.", n_params / 1e6)
+    return _Run(config=config, workdir=workdir, mesh=mesh, graphdef=graphdef, abstract=abstract,
+                shardings=state_shardings(abstract, mesh, config), train_iter=train_iter,
+                num_steps=total_steps(config),
+                clips_per_step=config.data.videos_per_batch * config.data.clips_per_video,
+                mngr=ckpt.training_manager(_checkpoint_dir(workdir), config.checkpoint))
+
+
+# --------------------------------------------------------------------------- Restore or init
+
+
+def _restore_or_init(run: _Run) -> tuple[int, nnx.State, str]:
+    """(start step, state, resume message) from the newest checkpoint step that restores completely
+    (damaged newer ones are skipped and set aside), else from `init_from` or a fresh sharded init.
+    A restored data iterator state is set on `run.train_iter`."""
+    restored = ckpt.restore_newest_training(
+        run.mngr, model_target=_targets(run.abstract["model"], run.shardings["model"]),
+        opt_target=_targets(run.abstract["opt"], run.shardings["opt"]),
+        check_config=_check_resume_config(run.config, run.workdir))
+    if restored is None:
+        return _init(run)
+    start_step, model_vars, opt_vars, snapshot, skipped = restored
+    state = _fill(run.abstract, {"model": model_vars, "opt": opt_vars})
+    msg = f"resumed from {_checkpoint_dir(run.workdir)}/{start_step}"
+    if snapshot is None:
+        msg += " (no data iterator state in the checkpoint: the data order restarts)"
+    else:
+        run.train_iter.set_state(snapshot.state)
+        run.data_state = snapshot.state
+    if skipped:
+        msg += (" after skipping damaged newer steps (" + "; ".join(f"step {s}: {why}" for s, why in skipped)
+                + f"; moved to {ckpt.resolve_path(run.workdir) / ckpt.CORRUPT_SUBDIR})")
+    return start_step, state, msg
+
+
+def _init(run: _Run) -> tuple[int, nnx.State, str]:
+    """A fresh sharded state at step 0; with `init_from`, its model variables from that checkpoint."""
+    _, state, _ = init_train_state(run.config, run.mesh)
+    if not run.config.init_from:
+        return 0, state, "initialised from scratch"
+    root, step = resolve_init_from(run.config.init_from)
+    _check_init_from_config(root, step, run.config)
+    pure = _pure(state)
+    pure["model"] = ckpt.restore_model_variables(root, step, _targets(run.abstract["model"], run.shardings["model"]))
+    return 0, _fill(run.abstract, pure), f"model initialised from {root}/{step} (fresh optimizer)"
+
+
+def _start(run: _Run, start_step: int, resume_msg: str, *, progress_bar: bool) -> None:
+    """Writes config.json, opens the metrics logger, installs the stop flag and starts the prefetcher."""
+    is_main = jax.process_index() == 0
+    if is_main:  # under the workdir lock and after the resume check: never another run's record
+        with open(os.path.join(run.workdir, "config.json"), "w") as f:
+            f.write(json.dumps(ckpt.config_to_json(run.config), indent=1) + "\n")
+    run.last_saved = start_step if run.mngr.latest_step() is not None else None
+    run.logger = MetricsLogger(run.workdir, run.num_steps, start_step, enabled=is_main, progress_bar=progress_bar)
+    run.logger.log_event(start_step, resume_msg, num_steps=run.num_steps, global_batch=run.clips_per_step,
+                         mesh=dict(run.mesh.shape))
+    if not jax.distributed.is_initialized():  # else JAX's preemption notifier owns SIGTERM (StopFlag)
+        run.stop.install()
+    run.prefetch = DevicePrefetcher(run.train_iter, run.mesh, size=max(int(run.config.data.get("prefetch", 2)), 1))
+
+
+# --------------------------------------------------------------------------- Iterate
+
+
+def _iterate(run: _Run, train_step: Callable, step: int, state: nnx.State) -> tuple[int, nnx.State, str]:
+    """Steps from `step` to `train.num_steps` (or a stop request). Returns (step, state, status), the
+    status "finished" or "preempted" (that step then saved). Dispatch is asynchronous: the host only
+    waits on the devices to fetch metrics, save or evaluate."""
+    first = True
+    while step < run.num_steps:
+        item = _next_batch(run, step, first=first)
+        t_start = time.perf_counter()
+        state, metrics = train_step(state, item.batch)
+        ckpt.check_save_errors(run.mngr, run.last_saved)  # a failed background save stops the run now
+        step += 1
+        run.data_state = item.data_state
+        run.window.add(step, metrics, item.wait_s)
+        run.logger.advance()
+        if first:
+            _log_first_step(run, step, metrics, t_start)
+            first = False
+        if _after_step(run, step, state):
+            return step, state, "preempted"
+    return step, state, "finished"
+
+
+def _next_batch(run: _Run, step: int, *, first: bool) -> PrefetchedBatch:
+    try:
+        item = next(run.prefetch)
+    except StopIteration:
+        raise RuntimeError(f"the training data ran out at step {step} of {run.num_steps}") from None
+    if first:  # a mismatch of data and model config is named here, not in a tracing error
+        check_batch_against_model({k: v.shape for k, v in item.batch.items()}, run.config)
+    return item
+
+
+def _log_first_step(run: _Run, step: int, metrics: dict[str, jax.Array], t_start: float) -> None:
+    jax.block_until_ready(metrics)
+    took = time.perf_counter() - t_start
+    run.logger.log_event(step, f"first step (compilation included) took {took:.1f} s")
+    run.window.t0 = time.perf_counter()  # throughput excludes compilation
+    run.logger.start_timing()  # and so does the progress bar's ETA
+
+
+def _after_step(run: _Run, step: int, state: nnx.State) -> bool:
+    """Metrics, preemption, periodic checkpoint and evaluation after `step`. True when the run stops
+    (a stop request: that step was saved)."""
+    preempted = run.stop.is_set() or run.mngr.reached_preemption(step)
+    if step % run.config.train.log_every == 0 or step == run.num_steps:
+        _check_window(run)
+    if preempted:
+        _save(run, step, state, force=True)
+        ckpt.wait_for_saves(run.mngr)
+        run.logger.log_event(step, f"stop requested ({run.stop.signal_name or 'preemption'}): saved step {step}")
+        return True
+    # The manager's save policy (checkpoint.every_steps, checkpoint.training_manager) decides; asking
+    # first runs the metric check (a device sync) only before a save that happens.
+    if run.mngr.should_save(step):
+        _save(run, step, state, force=False)
+    _evaluate_if_due(run, step, state)
+    return False
+
+
+def _check_window(run: _Run) -> None:
+    """Fetches and logs the metric window; raises NonFiniteLossError at its first skipped step."""
+    if not len(run.window):
+        return
+    last_step = run.window.steps[-1]
+    avg, bad = run.window.fetch(run.clips_per_step)
+    if bad is not None:
+        raise _non_finite(run, *bad)
+    run.last_avg = avg
+    run.logger.log_train(last_step, avg)
+
+
+def _non_finite(run: _Run, bad_step: int, m: dict[str, float]) -> NonFiniteLossError:
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in ("finite", "lr"))
+    where = (f"the last checkpoint is step {run.last_saved} in {_checkpoint_dir(run.workdir)}"
+             if run.last_saved is not None else "no checkpoint was saved")
+    what = ("loss or gradient" if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
+            else "update (parameters or optimizer state after a finite gradient)")
+    msg = (f"non-finite {what} at step {bad_step} ({terms}); the update was skipped "
+           f"and training stops: {where}. Lower train.lr or check the data and init_from.")
+    run.logger.log_event(bad_step, "stopped: " + msg)
+    return NonFiniteLossError(msg)
+
+
+def _save(run: _Run, step: int, state: nnx.State, *, force: bool) -> None:
+    """Saves `step` with the data iterator state after its batch; `force` bypasses the save policy."""
+    _check_window(run)  # a skipped (non-finite) step stops the run before anything after it is saved
+    snapshot = ckpt.IteratorSnapshot(run.data_state) if run.data_state is not None else None
+    if ckpt.save_training(run.mngr, step, model_vars=_pure(state["model"]), opt_vars=_pure(state["opt"]),
+                          config=run.config, data_state=snapshot, force=force):
+        run.last_saved = step
+
+
+def _evaluate_if_due(run: _Run, step: int, state: nnx.State) -> None:
+    """The periodic evaluations (each eval.tasks entry's every_steps; the last step's are the final
+    ones, in `_finish`)."""
+    due = evaluators.due(run.config, step) if step != run.num_steps else ()
+    if due:
+        _check_window(run)  # close the throughput window before the (blocking) evaluation
+        results = run_evaluations(model_from_state(run.graphdef, state), run.config, run.workdir, step, due,
+                                  final=False)
+        for task, res in results.items():
+            run.logger.log_eval(step, task, res.get("metrics", res))
+        run.window.t0 = time.perf_counter()
+
+
+# --------------------------------------------------------------------------- Finish
+
+
+def _save_final(run: _Run, step: int, state: nnx.State, status: str) -> None:
+    """The last step, saved unless the policy or a stop request already did; waits for every save."""
+    _check_window(run)
+    if status == "finished" and run.last_saved != step:
+        _save(run, step, state, force=True)
+    ckpt.wait_for_saves(run.mngr)
+
+
+def _finish(run: _Run, step: int, state: nnx.State, status: str) -> TrainResult:
+    """The final evaluation (eval.at_end, finished runs only), then the logger is closed."""
+    run.logger.close_bar()
     eval_results: dict[str, dict] = {}
-    if status == "finished" and config.eval.get("at_end", True) and config.eval.tasks:
-        eval_results = run_evaluations(model_from_state(graphdef, state), config, workdir, step)
+    if status == "finished" and run.config.eval.get("at_end", True) and run.config.eval.tasks:
+        eval_results = run_evaluations(model_from_state(run.graphdef, state), run.config, run.workdir, step)
         for task, res in eval_results.items():
-            logger.log_eval(step, task, res.get("metrics", res))
-    logger.log_event(step, f"done ({status})")
-    logger.close()
-    return TrainResult(step=step, status=status, last_metrics=last_avg, eval_results=eval_results)
+            run.logger.log_eval(step, task, res.get("metrics", res))
+    run.logger.log_event(step, f"done ({status})")
+    run.logger.close()
+    return TrainResult(step=step, status=status, last_metrics=run.last_avg, eval_results=eval_results)

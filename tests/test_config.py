@@ -72,7 +72,9 @@ def test_unknown_field_is_named(section, field):
     (lambda c: setattr(c.train, "log_every", 0), "train.log_every"),
     (lambda c: setattr(c.data, "clips_per_video", 0), "data.clips_per_video"),
     (lambda c: setattr(c.checkpoint, "keep", 0), "checkpoint.keep"),
-    (lambda c: setattr(c.eval, "tasks", ("imagenet",)), "eval.tasks"),
+    (lambda c: setattr(c.eval, "tasks", {"imagenet": {}}), "eval.tasks.imagenet.task"),
+    (lambda c: setattr(c.eval, "tasks", {"msrvtt": {"every_steps": -2}}), "eval.tasks.msrvtt.every_steps"),
+    (lambda c: setattr(c.eval, "tasks", {"crosstask": {"strategy": "clip"}}), "eval.tasks.crosstask.strategy"),
     (lambda c: setattr(c.loss.weights, "tv", -1.0), "loss.weights.tv"),
     (lambda c: setattr(c.mesh, "model", 3), "mesh.model"),
     # Non-finite numbers anywhere: an infinite learning rate passes `lr > 0` but makes every update inf.

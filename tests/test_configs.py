@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eao_jax import parallel, train
+from eao_jax import evaluators, parallel, train
 from eao_jax.config_utils import ConfigError, complete_config, resolve_epoch_steps, validate_config
 from eao_jax.defaults import apply_overrides, parse_arg, reference_config
 from eao_jax.metrics_log import read_metrics
@@ -49,11 +49,23 @@ REPLACED.update({k: k for k in ("bench_cpu.py", "bench_cpu.py:tiny", "demo.py", 
 CHANGED = {"bench_cpu.py": {"train.steps_per_epoch": -1, "eval.every_steps": 0, "eval.tasks": []}}
 CHANGED["bench_cpu.py:tiny"] = CHANGED["bench_cpu.py"]
 NEW_FIELDS = {f"eval.at_once.{task}.{f}" for task in ("msrvtt", "youcook2", "synthetic")
-              for f in ("n_video_tokens", "n_stft")}
+              for f in ("n_video_tokens", "n_stft")} | {"eval.clip.n_video_tokens", "eval.clip.n_stft"}
+# The evaluation section before named entries: one task list sharing one schedule and settings.
+OLD_EVAL = ("eval.tasks", "eval.every_steps", "eval.batch_size", "eval.strategy", "eval.tfds_config",
+            "eval.loc_embedding", "eval.decoder")
+
+
+def old_eval_entries(want: dict) -> dict:
+    """The named entries a replaced file's evaluation section meant (its fields popped from `want`)."""
+    old = {k: want.pop(k) for k in OLD_EVAL}
+    return {task: {"every_steps": old["eval.every_steps"], "batch_size": old["eval.batch_size"],
+                   "strategy": old["eval.strategy"] or "at_once", "tfds_config": old["eval.tfds_config"]}
+            for task in old["eval.tasks"]}
 
 W_MAIN = dict(tv=1.0, ta=0.1, va=0.1, t_va=0.1, v_ta=0.1, a_tv=0.1)
 W_EQUAL = dict(tv=1.0, ta=1.0, va=1.0, t_va=1.0, v_ta=1.0, a_tv=1.0)
 W_PAIRS = dict(tv=1.0, ta=0.1, va=0.1, t_va=0.0, v_ta=0.0, a_tv=0.0)
+EVAL_AT_END = dict(every_steps=0, batch_size=16, strategy="at_once", tfds_config=None)
 
 # The released yaml values each experiment must carry (the original's configs).
 EXPECTED = {
@@ -63,11 +75,11 @@ EXPECTED = {
                                    "data.clips_per_video": 1, "data.n_video_tokens": 48, "data.n_stft": 3072,
                                    "train.lr": 5e-5, "train.epochs": 25, "train.lr_decay": 0.9,
                                    "train.use_eval_mode_always": True, "loss.weights": W_EQUAL,
-                                   "eval.tasks": ("msrvtt",)},
+                                   "eval.tasks": {"msrvtt": EVAL_AT_END}},
     "finetune.py:dataset=youcook2": {"data.dataset": "youcook2", "data.videos_per_batch": 256,
                                      "data.n_video_tokens": 72, "data.n_stft": 4608, "train.lr": 1e-5,
                                      "train.epochs": 5, "train.lr_decay": 0.9, "train.use_eval_mode_always": True,
-                                     "loss.weights": W_EQUAL, "eval.tasks": ("youcook2",)},
+                                     "loss.weights": W_EQUAL, "eval.tasks": {"youcook2": EVAL_AT_END}},
     "howto100m.py:variant=tv_only": {"model.modalities": ("text", "video")},
     "howto100m.py:backbone=s3d": {"model.video_dim": 1024, "data.tfds_config": "s3d", "loss.weights": W_MAIN},
     "howto100m.py:backbone=clip": {"model.video_dim": 512, "data.tfds_config": "clip"},
@@ -88,7 +100,8 @@ EXPECTED = {
     "howto100m.py:variant=disentangled_equal_weights": {"data.text_audio_misaligned": True, "loss.weights": W_EQUAL},
     "howto100m.py:variant=positional_embeddings": {"model.use_positional_emb": True, "model.max_video_tokens": 12,
                                                    "model.max_text_tokens": 20, "model.max_audio_tokens": 12,
-                                                   "eval.strategy": "clips_average"},
+                                                   "eval.tasks.msrvtt.strategy": "clips_average",
+                                                   "eval.tasks.youcook2.strategy": "clips_average"},
 }
 # The paper's experiments (fine-tuning: the default backbone; the others are in REPLACED).
 EXPERIMENTS = sorted({v for k, v in REPLACED.items()
@@ -119,10 +132,14 @@ def test_config_string_gives_the_values_of_the_replaced_file(old):
     config = complete_config(load(REPLACED[old]))  # the trainer's view: every field of the schema
     if REPLACED[old].startswith("howto100m.py"):  # epoch lengths derived as training does
         resolve_epoch_steps(config, HOWTO100M_TRAIN_VIDEOS)
-    got = flat(json.loads(config.to_json_best_effort()))
+    got = {k: v for k, v in flat(json.loads(config.to_json_best_effort())).items() if not k.startswith("eval.tasks.")}
     want = {**BEFORE["howto100m.py"], **BEFORE["differences"].get(old, {}), **CHANGED.get(old, {})}
+    want_entries = old_eval_entries(want)
     assert set(got) - set(want) == NEW_FIELDS and not set(want) - set(got)
     assert {k: got[k] for k in want} == want
+    entries = evaluators.entries(config)
+    assert {name: {k: e[k] for k in ("every_steps", "batch_size", "strategy", "tfds_config")}
+            for name, e in entries.items()} == want_entries
 
 
 def test_every_variant_and_backbone_replaces_a_file_and_is_documented():
@@ -137,7 +154,8 @@ def test_every_variant_and_backbone_replaces_a_file_and_is_documented():
     # The documented step counts are what the derivation gives for the full HowTo100M.
     assert resolve_epoch_steps(load("howto100m.py"), HOWTO100M_TRAIN_VIDEOS).train.steps_per_epoch == 5205
     c = resolve_epoch_steps(load("howto100m.py:variant=depth2_64heads_4096_112x10"), HOWTO100M_TRAIN_VIDEOS)
-    assert (c.train.steps_per_epoch, c.eval.every_steps) == (10411, 10411)
+    assert (c.train.steps_per_epoch, c.eval.tasks.msrvtt.every_steps, c.eval.tasks.youcook2.every_steps) == (
+        10411, 10411, 10411)
 
 
 @pytest.mark.parametrize("spec", EXPERIMENTS)
@@ -191,12 +209,14 @@ def test_parse_arg_types_and_apply_overrides():
 
 def test_resolve_epoch_steps():
     c = reference_config()
-    c.eval.every_steps = -1
+    c.eval.tasks = {"msrvtt": {"every_steps": -1}, "youcook2": {"every_steps": 3}, "crosstask": {}}
     resolve_epoch_steps(c, 1000)
-    assert (c.train.steps_per_epoch, c.eval.every_steps) == (1000 // 224, 1000 // 224)
+    assert (c.train.steps_per_epoch, c.eval.tasks.msrvtt.every_steps) == (1000 // 224, 1000 // 224)
+    assert c.eval.tasks.youcook2.every_steps == 3 and evaluators.entries(c)["crosstask"].every_steps == 0
     c = reference_config()
-    c.train.steps_per_epoch, c.eval.every_steps = 7, 0  # numbers are kept
-    assert (resolve_epoch_steps(c, 1000).train.steps_per_epoch, c.eval.every_steps) == (7, 0)
+    c.train.steps_per_epoch = 7  # numbers are kept
+    c.eval.tasks = {"msrvtt": {"every_steps": 0}}
+    assert (resolve_epoch_steps(c, 1000).train.steps_per_epoch, c.eval.tasks.msrvtt.every_steps) == (7, 0)
     with pytest.raises(ConfigError, match=r"^data\.videos_per_batch=224 is larger than the 100 training videos "
                                           r"of 'howto100m' \(split 'train'\)"):
         resolve_epoch_steps(reference_config(), 100)
@@ -324,8 +344,8 @@ TINY = ("--config.data.dataset=synthetic", "--config.data.tfds_config=tiny", "--
         "--config.model.num_heads=4", "--config.model.projection_dim=32", "--config.model.davenet.blocks=(1,1)",
         "--config.model.davenet.widths=(8,8,16)", "--config.model.dtype=float32", "--config.mesh.fsdp=false",
         "--config.train.lr=1e-3", "--config.train.num_steps=12", "--config.train.log_every=3",
-        "--config.checkpoint.every_steps=0", "--config.eval.tasks=('synthetic',)", "--config.eval.strategy=clip",
-        "--config.eval.batch_size=32")
+        "--config.checkpoint.every_steps=0",
+        "--config.eval.tasks={'synthetic': {'every_steps': -1, 'strategy': 'clip', 'batch_size': 32}}")
 
 
 def test_paper_ablation_trains_end_to_end_from_its_config_string(tmp_path):
@@ -340,10 +360,10 @@ def test_paper_ablation_trains_end_to_end_from_its_config_string(tmp_path):
     assert (saved["model"]["use_cls_token"], saved["model"]["individual_projections"]) == (True, False)
     assert saved["loss"]["weights"] == W_MAIN and saved["data"]["text_audio_misaligned"] is True
     assert saved["model"]["remat"] is True and saved["train"]["lr_decay"] == 0.9
-    assert (saved["train"]["steps_per_epoch"], saved["eval"]["every_steps"]) == (6, 6)
+    assert (saved["train"]["steps_per_epoch"], saved["eval"]["tasks"]["synthetic"]["every_steps"]) == (6, 6)
     steps = [r for r in read_metrics(work, "train")]
     assert steps[-1]["step"] == 12 and all(np.isfinite(r["loss"]) for r in steps)
-    # Evaluated after each epoch (eval.every_steps=-1 of configs/howto100m.py) and at the end.
+    # Evaluated after each epoch (every_steps=-1, as the entries of configs/howto100m.py) and at the end.
     evals = [(r["step"], r["task"]) for r in read_metrics(work, "eval")]
     assert evals == [(6, "synthetic"), (12, "synthetic")]
     final = [r for r in read_metrics(work, "eval")][-1]["metrics"]

@@ -9,7 +9,7 @@ import pytest
 from fixtures_data import step_segments, word2vec_fixture, write_crosstask_official, write_localization
 from test_evaluate import random_model, synthetic_model_config
 
-from eao_jax import evaluate
+from eao_jax import evaluators
 from eao_jax.data import pipelines
 from eao_jax.evaluation import localisation as loc_lib
 from eao_jax.prepare import prepare
@@ -91,9 +91,9 @@ def test_official_layout_evaluates_to_the_same_numbers(layouts, caplog, conventi
     for name in ("pre", "off"):
         with caplog.at_level(logging.WARNING):
             caplog.clear()
-            res[name] = evaluate.evaluate_task(model, "crosstask", data_dir=tmp / f"d_{name}", tfds_config="resnet",
-                                               convention=convention, log_softmax=log_softmax, decoder=decoder,
-                                               batch_size=16)
+            res[name] = evaluators.evaluate(model, "crosstask", data_dir=tmp / f"d_{name}", tfds_config="resnet",
+                                            convention=convention, log_softmax=log_softmax, decoder=decoder,
+                                            batch_size=16)
         assert "partial CrossTask: 2 of 18 primary tasks present" in caplog.text
     pre, off = res["pre"], res["off"]
     assert off["metrics"] == pre["metrics"] and off["num_videos"] == pre["num_videos"] == 6
@@ -103,7 +103,7 @@ def test_official_layout_evaluates_to_the_same_numbers(layouts, caplog, conventi
     expected = EXPECTED[(convention, log_softmax, decoder)]
     assert off["metrics"]["per_task"] == {t: pytest.approx(r, abs=1e-9) for t, r in zip(TASKS, expected, strict=True)}
     assert off["metrics"]["recall"] == pytest.approx(sum(expected) / 2, abs=1e-9)
-    table = evaluate.format_results(off)
+    table = evaluators.format_results(off)
     assert table.splitlines()[-1] == "(mean over the 2 of 18 tasks present; no video for 16)"
 
 

@@ -39,7 +39,7 @@ N_STEPS, EVERY = 8, 4
 COMMON = (f"--config.train.num_steps={N_STEPS}", f"--config.checkpoint.every_steps={EVERY}",
           "--config.train.log_every=2", "--config.train.eps=1e-6", "--config.mesh.fsdp=True",
           "--config.mesh.fsdp_min_size=1024")
-EVAL = ("--config.eval.tasks=('synthetic',)", "--config.eval.batch_size=16")
+EVAL = ("--config.eval.tasks={'synthetic': {'batch_size': 16}}",)
 # Settings of a parent process (a cluster job running the tests) that would make a worker distributed.
 _DIST_VARS = ("EAO_COORDINATOR_ADDRESS", "EAO_NUM_PROCESSES", "EAO_PROCESS_ID", "EAO_LOCAL_DEVICE_IDS",
               "EAO_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_LOCAL_DEVICE_IDS", "JAX_COORDINATOR_PORT",
@@ -217,15 +217,14 @@ def test_resume_with_other_device_and_process_counts(runs):
 
 
 def test_two_process_checkpoint_evaluates_in_one_process(runs):
-    from eao_jax.evaluate import evaluate_task  # noqa: PLC0415
+    from eao_jax.evaluators import evaluate  # noqa: PLC0415
 
     root, data = runs["root"], runs["data"]
     results = {}
     for name in ("A", "B"):
         model, config, step = ckpt.load_model(root / name / "checkpoints")  # this process: 1 x 8 devices
         assert step == N_STEPS
-        results[name] = evaluate_task(model, "synthetic", data_dir=data, tfds_config="tiny", batch_size=16,
-                                      config=config)
+        results[name] = evaluate(model, "synthetic", data_dir=data, tfds_config="tiny", batch_size=16, config=config)
     assert results["A"]["num_queries"] == results["B"]["num_queries"] == synthetic.world.SPECS["tiny"].retrieval_items
     assert results["B"]["metrics"] == results["A"]["metrics"]
     assert len(results["A"]["metrics"]) == 18

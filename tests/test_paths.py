@@ -52,8 +52,9 @@ def test_readme_quick_start_verbatim_from_a_fresh_directory(cache, tmp_path, mon
     workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
     assert not os.path.isabs(workdir)  # the README's workdir is relative: that is what is tested
     # The README's command on the tiny config (seconds instead of minutes), with the demo's evaluation.
-    cmd = [sys.executable if a == "python" else a.replace("configs/demo.py", "configs/demo.py:tiny") for a in cmd]
-    cmd += ["--progress_bar=false", "--config.eval.tasks=('synthetic',)"]
+    cmd = [sys.executable if a == "python" else a.replace("configs/demo.py", "configs/demo.py:tiny,evaluate")
+           for a in cmd]
+    cmd += ["--progress_bar=false"]
     root = _fresh_checkout(tmp_path)
     proc = subprocess.run(cmd, cwd=root, env=_env(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

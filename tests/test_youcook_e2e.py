@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from eao_jax import checkpoint, convert, evaluate, prepare
+from eao_jax import checkpoint, convert, evaluators, prepare
 from eao_jax.evaluation.retrieval import DIRECTIONS
 
 
@@ -27,8 +27,8 @@ def test_youcook2_at_once_reproduces_the_original(data_dir, tmp_path):
     model, _, step = checkpoint.load_model(tmp_path / "ckpt")
 
     out = tmp_path / "results" / "youcook2.json"
-    res = evaluate.evaluate_task(model, "youcook2", data_dir=tmp_path / "tfds", strategy="at_once", batch_size=16,
-                                 output=out, checkpoint=str(tmp_path / "ckpt"), step=step)
+    res = evaluators.evaluate(model, "youcook2", data_dir=tmp_path / "tfds", strategy="at_once", batch_size=16,
+                              output=out, checkpoint=str(tmp_path / "ckpt"), step=step)
     assert (res["settings"]["n_video_tokens"], res["settings"]["n_stft"]) == (
         expected["n_video_tokens"], expected["num_audio_STFT_frames"])
     assert res["num_queries"] == expected["evaluated"]
