@@ -108,8 +108,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(shared, reference, tmp_pa
     proc = subprocess.Popen(_cmd(shared, work, *common), cwd=REPO, env=_env(shared),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckdir = work / "checkpoints"
-    _wait_for(lambda: any((p / "commit_success.txt").exists() for p in ckdir.glob("[0-9]*")), proc, 240,
-              "the first checkpoint")
+    # A finished step: its final name (Orbax writes into `N.orbax-checkpoint-tmp-*` and renames it) and
+    # its commit marker.
+    _wait_for(lambda: any(p.name.isdigit() and (p / "commit_success.txt").exists() for p in ckdir.glob("[0-9]*")),
+              proc, 240, "the first checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     killed_at = ckpt.latest_step(ckdir)
