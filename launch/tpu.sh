@@ -17,7 +17,7 @@ Usage: launch/tpu.sh [options] SUBCOMMAND [-- EXTRA...]
 
 Subcommands:
   create   create the TPU VM (gcloud compute tpus tpu-vm create), or a queued resource when QUEUED=1
-  setup    copy this checkout (or git clone REPO_URL) to every worker and pip install it with jax[tpu]
+  setup    copy this checkout (or git clone REPO_URL) to every worker and pip install it with its [tpu] extra
   train    run python -m eao_jax.main on every worker (detached, log in ~/eao_logs/train.log)
   eval     run python -m eao_jax.evaluate on every worker (foreground)
   logs     stream a job's log from one worker: logs [train|eval]
@@ -119,7 +119,7 @@ SETUP_METHOD="${SETUP_METHOD:-copy}"
 REMOTE_DIR="${REMOTE_DIR:-eao_jax}"
 VENV_DIR="${VENV_DIR:-eao_venv}"
 LOG_DIR="eao_logs"
-JAX_VERSION="${JAX_VERSION:-0.10.2}"
+JAX_VERSION="${JAX_VERSION:-}"
 WORKER="${WORKER:-}"
 
 [[ -n "$SUBCOMMAND" ]] || {
@@ -272,7 +272,7 @@ cmd_setup() {
       # Ship the working tree as it is (uncommitted changes included), without VCS, caches, venvs,
       # local workdirs and the test fixtures.
       local tarball="${TMPDIR:-/tmp}/eao_jax-$TPU_NAME.tar.gz"
-      run tar -czf "$tarball" --exclude=.git --exclude=venv --exclude=.venv --exclude=__pycache__ \
+      run tar -czf "$tarball" --exclude=.git --exclude=venv '--exclude=.venv*' --exclude=__pycache__ \
         --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.ruff_cache --exclude=./build \
         --exclude='./workdir*' --exclude=./tests/data -C "$REPO_ROOT" .
       run "$GCLOUD" compute tpus tpu-vm scp "$tarball" "$TPU_NAME:eao_jax.tar.gz" "${LOCATION[@]}" --worker=all
@@ -289,10 +289,16 @@ cmd_setup() {
   esac
   local pip_extra=""
   [[ -z "${PIP_ARGS:-}" ]] || pip_extra=" $PIP_ARGS"
-  # tpu-ubuntu2204-base ships python3 without the venv module: install it when venv fails.
-  install="{ python3 -m venv $venv || { sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv && python3 -m venv $venv; }; }"
+  local jax_pin=""
+  [[ -z "$JAX_VERSION" ]] || jax_pin=" $(shq "jax[tpu]==$JAX_VERSION")"
+  # jax 0.10+ needs Python >= 3.11 and tpu-ubuntu2204-base ships 3.10 (without the venv module): take
+  # the newest python3.1x the worker has, else Ubuntu's python3.11; add its venv module when missing.
+  install="{ py=; for p in python3.14 python3.13 python3.12 python3.11; do if command -v \$p >/dev/null; then py=\$p; break; fi; done; }"
+  install+=" && { [ -n \"\$py\" ] || { sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 && py=python3.11; }; }"
+  install+=" && { \$py -m venv $venv || { sudo apt-get update -qq && sudo apt-get install -y -qq \$py-venv && \$py -m venv $venv; }; }"
   install+=" && $venv/bin/pip install -q -U pip"
-  install+=" && $venv/bin/pip install -q $(shq "jax[tpu]==$JAX_VERSION") -e $(shq "./${REMOTE_DIR}[gcs]")$pip_extra"
+  # The [tpu] extra picks jax for the worker's Python (0.10 on 3.11, 0.12 on 3.12+); JAX_VERSION pins it.
+  install+=" && $venv/bin/pip install -q -e $(shq "./${REMOTE_DIR}[tpu,gcs]")$jax_pin$pip_extra"
   # Import check only: touching TPU devices here would need every host of the slice at once.
   install+=" && $venv/bin/python -c 'import jax, eao_jax; print(\"jax\", jax.__version__)'"
   remote all "set -e; $fetch && $install && mkdir -p $LOG_DIR"

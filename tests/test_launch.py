@@ -141,10 +141,58 @@ def test_setup_copies_the_checkout_to_all_workers(sandbox):
                    "--worker=all"]
     assert ssh[:len(ssh_prefix())] == ssh_prefix()
     tokens = words(remote_command(ssh))
-    i = tokens.index("jax[tpu]==0.10.2")  # one pip call: jax for TPU + this package with gcsfs
-    assert tokens[i - 3:i + 3] == ["eao_venv/bin/pip", "install", "-q", "jax[tpu]==0.10.2", "-e", "./eao_jax[gcs]"]
+    i = tokens.index("./eao_jax[tpu,gcs]")  # one pip call: the package with jax for TPU (its extra) and gcsfs
+    assert tokens[i - 4:i + 2] == ["eao_venv/bin/pip", "install", "-q", "-e", "./eao_jax[tpu,gcs]", "&&"]
     assert ["tar", "-xzf", "eao_jax.tar.gz", "-C", "eao_jax"] == tokens[tokens.index("tar"):tokens.index("tar") + 5]
     assert not marker.exists()
+    (_, _, ssh) = commands(run(TPU, ["setup"], {**TPU_ENV, "JAX_VERSION": "0.12.0.1"}, tmp, bin_dir))
+    tokens = words(remote_command(ssh))
+    i = tokens.index("./eao_jax[tpu,gcs]")
+    assert tokens[i + 1] == "jax[tpu]==0.12.0.1"  # JAX_VERSION pins jax in the same pip call
+
+
+@pytest.mark.parametrize("has_python", ["python3.12", None])
+def test_setup_command_finds_or_installs_a_python_jax_supports(sandbox, has_python):
+    """The remote setup command, run on a fake worker: one with python3.12 uses it; one with only the
+    python 3.10 of tpu-ubuntu2204-base (no python3.11, no venv module) gets Ubuntu's python3.11 and
+    python3.11-venv through apt-get, then a venv and the pip install."""
+    tmp, bin_dir, _ = sandbox
+    (_, _, ssh) = commands(run(TPU, ["setup"], TPU_ENV, tmp, bin_dir))
+    cmd = remote_command(ssh)
+    worker = tmp / "worker"
+    (worker / "eao_jax").mkdir(parents=True)
+    subprocess.run(["tar", "-czf", str(worker / "eao_jax.tar.gz"), "-C", str(worker / "eao_jax"), "."], check=True)
+    wbin = tmp / "worker_bin"
+    wbin.mkdir()
+    log = tmp / "worker.log"
+    for tool in ("tar", "gzip", "rm", "mkdir", "touch", "cp", "chmod", "basename"):
+        (wbin / tool).symlink_to(shutil.which(tool))
+    _write_exe(wbin / "sudo", '#!/bin/bash\n"$@"\n')
+    # A python3.x whose venv makes a pip and python that only log their arguments; it needs its venv
+    # module (the file venv-<name>) unless it is a python3.12 the worker came with.
+    fake_python = (f'#!/bin/bash\necho "$(basename "$0") $*" >> {log}\n'
+                   f'[ "$(basename "$0")" = python3.12 ] || [ -e {wbin}/venv-"$(basename "$0")" ] || exit 1\n'
+                   'mkdir -p "$3/bin"\n'
+                   f'for t in pip python; do printf \'#!/bin/bash\\necho "%s $*" >> {log}\\n\' $t > "$3/bin/$t"; '
+                   'chmod +x "$3/bin/$t"; done\n')
+    (tmp / "fake_python").write_text(fake_python)
+    _write_exe(wbin / "apt-get", f'#!/bin/bash\necho "apt-get $*" >> {log}\n'
+               f'for a in "$@"; do case $a in python3.11) cp {tmp}/fake_python {wbin}/python3.11; '
+               f'chmod +x {wbin}/python3.11;; python3.11-venv) touch {wbin}/venv-python3.11;; esac; done\n')
+    if has_python:
+        _write_exe(wbin / has_python, fake_python)
+    proc = subprocess.run([BASH, "-c", cmd], cwd=worker, env={"PATH": str(wbin), "HOME": str(worker)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = log.read_text().splitlines()
+    py = has_python or "python3.11"
+    expected_apt = [] if has_python else ["apt-get update -qq", "apt-get install -y -qq python3.11",
+                                          "apt-get update -qq", "apt-get install -y -qq python3.11-venv"]
+    assert [line for line in lines if line.startswith("apt-get")] == expected_apt
+    assert f"{py} -m venv eao_venv" in lines
+    assert lines[-3:] == ["pip install -q -U pip", "pip install -q -e ./eao_jax[tpu,gcs]",
+                          "python -c import jax, eao_jax; print(\"jax\", jax.__version__)"]
+    assert (worker / "eao_logs").is_dir()
 
 
 def test_setup_git_needs_repo_url(sandbox):
