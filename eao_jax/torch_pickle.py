@@ -1,4 +1,5 @@
-"""Reads PyTorch `.pth` files (`torch.save` output) without torch and without running their code.
+"""Reads PyTorch `.pth` files (`torch.save` output) without torch and without running their code; and
+the tensors inside plain pickles (`plain_pickle_global`).
 
 A `.pth` is a pickle whose tensors point at raw storages: since torch 1.6 a zip archive
 (`<name>/data.pkl` + `<name>/data/<key>` + `<name>/byteorder`), before that the "legacy" stream of
@@ -296,6 +297,29 @@ def _load_file(f: IO[bytes], source: str) -> Any:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             return _load_zip(zf, source)
     return _load_legacy(io.BytesIO(data), source)
+
+
+def _load_from_bytes(data: bytes) -> _Storage:
+    """What `torch.storage._load_from_bytes` returns: a plain pickle (`pickle.dump`, not `torch.save`)
+    stores each tensor's storage as the bytes of a legacy-format `torch.save` of it."""
+    if not isinstance(data, bytes | bytearray):
+        raise TorchFormatError(f"storage bytes expected, got {type(data).__name__}")
+    storage = _load_legacy(io.BytesIO(data), "<pickled storage>")
+    if not isinstance(storage, _Storage):
+        raise TorchFormatError(f"pickled storage holds a {type(storage).__name__}, not a storage")
+    return storage
+
+
+def plain_pickle_global(module: str, name: str, source: str) -> Any:
+    """The torch-free stand-in for a torch global named by a plain pickle (`pickle.dump` of objects
+    holding tensors, such as the released MSR-VTT / YouCook2 feature pickles): tensors come back as
+    numpy arrays. Raises UnsafePickleError for any other torch name."""
+    if (module, name) == ("torch.storage", "_load_from_bytes"):
+        return _load_from_bytes
+    if module == "torch._utils" and (module, name) in _REBUILDS:
+        return _REBUILDS[(module, name)]
+    raise UnsafePickleError(f"{source}: refusing to load {module}.{name}: of torch, only tensors (with their "
+                            "storages) are read from a pickle")
 
 
 def _defer(fn: Callable) -> Callable:

@@ -11,6 +11,7 @@ import pickle
 from collections.abc import Sequence
 
 import numpy as np
+import torch_format
 
 WORDS = ("cut", "the", "onion", "add", "salt", "stir", "pan", "heat", "oil", "mix", "don't", "we")
 
@@ -100,9 +101,7 @@ def item_list(n: int, *, d2: int = 6, d3: int = 5, seed: int = 0, key_2d: str = 
         v = random_video(rng, int(rng.integers(5, 40)), d2, d3)
         audio = v["spec"]
         if torch_audio:
-            import torch
-
-            audio = torch.from_numpy(audio)
+            audio = torch_format.Tensor(audio)
         it = {"id": f"clip{i}", key_2d: v["f2"], key_3d: v["f3"], "audio": audio,
               "caption": [sentence(rng, int(rng.integers(2, 8))) for _ in range(3)]}
         if eval_caption:
@@ -114,7 +113,7 @@ def item_list(n: int, *, d2: int = 6, d3: int = 5, seed: int = 0, key_2d: str = 
 def write_pickle(path: pathlib.Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        pickle.dump(obj, f)
+        torch_format.dump_plain(obj, f)  # pickle.dump, with torch_format.Tensor values written as torch tensors
 
 
 def write_localization(manual: pathlib.Path, n_videos: int = 3, *, mining: bool = False, d2: int = 6, d3: int = 5,

@@ -2,10 +2,12 @@
 
 import json
 import os
+import pickle
 import sys
 
 import numpy as np
 import pytest
+import torch_format
 from fixtures_data import howto_file, item_list, word2vec_fixture, write_howto, write_localization, write_pickle
 
 from eao_jax.data.dataset import PreparedDataset
@@ -186,12 +188,42 @@ def test_interrupted_prepare_leaves_no_half_dataset(tmp_path, monkeypatch):
     assert any("interrupted" in n for n in s["notes"])
 
 
-def test_torch_pickle_without_torch_names_the_extra(tmp_path, monkeypatch):
-    pytest.importorskip("torch")
-    write_pickle(tmp_path / "a.pkl", item_list(1, torch_audio=True))
+def test_pickles_holding_torch_tensors_load_without_torch(tmp_path, monkeypatch):
+    audio = np.arange(40 * 7, dtype=np.float32).reshape(40, 7)
+    write_pickle(tmp_path / "a.pkl", [{"id": "v", "audio": torch_format.Tensor(audio), "n": torch_format.Tensor(
+        np.array([3, -1], np.int64)), "h": torch_format.Tensor(np.ones((2, 3), np.float16))}])
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-    with pytest.raises(ModuleNotFoundError, match=r"a\.pkl: .*torch tensors.*pip install 'eao_jax\[torch\]'"):
+    (item,) = load_pickle(tmp_path / "a.pkl")
+    for key, want in (("audio", audio), ("n", np.array([3, -1], np.int64)), ("h", np.ones((2, 3), np.float16))):
+        assert type(item[key]) is np.ndarray and item[key].dtype == want.dtype
+        np.testing.assert_array_equal(item[key], want)
+
+
+def test_a_pickle_naming_another_torch_object_is_refused_by_name(tmp_path):
+    write_pickle(tmp_path / "a.pkl", {"x": torch_format.Call(torch_format.Global("torch", "load"), "other.pth")})
+    with pytest.raises(PrepareError, match=r"a\.pkl: refusing to load torch\.load: of torch, only tensors"):
         load_pickle(tmp_path / "a.pkl")
+
+
+def test_torch_tensors_pickled_by_torch_read_as_torch_reads_them(tmp_path):
+    """The reader against torch's own `pickle.dump` of tensors (dtypes, a view with a storage offset, a
+    transposed one, a scalar), and the test writer against torch's `pickle.load`."""
+    torch = pytest.importorskip("torch")
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = {"f32": base, "view": base[1:, 2:5], "t": base.t(), "f16": base.half(), "i64": torch.arange(5),
+               "scalar": torch.tensor(2.5, dtype=torch.float64), "bool": base > 10}
+    with open(tmp_path / "torch.pkl", "wb") as f:
+        pickle.dump(tensors, f)
+    ours = load_pickle(tmp_path / "torch.pkl")
+    for key, t in tensors.items():
+        assert ours[key].dtype == t.numpy().dtype, key
+        np.testing.assert_array_equal(ours[key], t.numpy(), err_msg=key)
+    write_pickle(tmp_path / "ours.pkl", {k: torch_format.Tensor(t.numpy()) for k, t in tensors.items()})
+    with open(tmp_path / "ours.pkl", "rb") as f:
+        back = pickle.load(f)
+    for key, t in tensors.items():
+        assert isinstance(back[key], torch.Tensor) and back[key].dtype == t.dtype, key
+        assert torch.equal(back[key], t), key
 
 
 def test_missing_manual_files_and_bad_options(tmp_path):

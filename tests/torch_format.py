@@ -1,7 +1,9 @@
 """Writes `torch.save`-format files (zip, pickle protocol 2) from numpy arrays, without torch: the test
 side of `eao_jax.torch_pickle`, for checkpoints edited by tests. Arrays become tensors (the pickle
 names torch._utils._rebuild_tensor_v2 and torch.<X>Storage exactly as torch.save does);
-`Global(module, name)` writes any other global, to build files the reader must refuse."""
+`Global(module, name)` writes any other global, to build files the reader must refuse.
+`dump_plain` writes a plain pickle (`pickle.dump`) in which `Tensor(array)` is a torch tensor, as in
+the released MSR-VTT / YouCook2 feature pickles."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import collections
 import io
 import os
 import pickle
+import struct
 import zipfile
 from typing import Any
 
@@ -84,3 +87,55 @@ def save(obj: Any, path: str | os.PathLike) -> None:
         for s in storages:
             zf.writestr(f"{name}/data/{s.key}", s.array.astype(s.array.dtype.newbyteorder("<")).tobytes())
         zf.writestr(f"{name}/version", "3\n")
+
+
+class Tensor:
+    """In `dump_plain`: pickles as a torch tensor holding `array`, as `pickle.dump` of a tensor does."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.array(array, order="C")
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+
+
+class _LegacyStoragePickler(_Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", Global("torch", STORAGE[obj.array.dtype]), obj.key, "cpu", obj.array.size, None)
+        return None
+
+
+def _legacy_storage_bytes(array: np.ndarray) -> bytes:
+    """`torch.save(storage, _use_new_zipfile_serialization=False)`: how torch pickles a storage."""
+    buf = io.BytesIO()
+    for header in (_LEGACY_MAGIC, 1001, _LEGACY_SYS_INFO):
+        pickle.dump(header, buf, protocol=2)
+    storage = _Storage("0", array)
+    _LegacyStoragePickler(buf, []).dump(storage)
+    pickle.dump([storage.key], buf, protocol=2)
+    buf.write(struct.pack("<q", array.size))
+    buf.write(array.astype(array.dtype.newbyteorder("<")).tobytes())
+    return buf.getvalue()
+
+
+class _PlainPickler(pickle._Pickler):
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[Global] = _Pickler._save_global_stub
+
+    def reducer_override(self, obj):
+        if isinstance(obj, Tensor):
+            arr = obj.array
+            stride = tuple(s // arr.itemsize for s in arr.strides) if arr.ndim else ()
+            storage = Call(Global("torch.storage", "_load_from_bytes"), _legacy_storage_bytes(arr.reshape(-1)))
+            return (Global("torch._utils", "_rebuild_tensor_v2"),
+                    (storage, 0, tuple(arr.shape), stride, False, collections.OrderedDict()))
+        if isinstance(obj, Call):
+            return obj.func, obj.args
+        return NotImplemented
+
+
+def dump_plain(obj: Any, file) -> None:
+    """`pickle.dump(obj, file)` with each `Tensor` written as torch writes a tensor."""
+    _PlainPickler(file, protocol=4).dump(obj)

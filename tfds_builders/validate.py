@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from eao_jax import torch_pickle
 from eao_jax.batch_contract import N_MELS
 
 REPORT_FILE = "prepare_report.json"
@@ -171,41 +172,37 @@ def check_caption(text: Any, item: str, file) -> str:
 
 
 def as_numpy(x: Any, what: str, item: str, file) -> np.ndarray:
-    """numpy view of an array or a torch tensor (the released pickles store spectrograms as tensors)."""
-    if type(x).__module__.startswith("torch"):
-        x = x.detach().cpu().numpy()
     try:
         return np.asarray(x)
     except Exception as e:
         raise BadItem(WRONG_SHAPE, item, file, f"{what} is not an array ({type(x).__name__}: {e})") from None
 
 
-class _TorchAwareUnpickler(pickle.Unpickler):
+class _ReleasedPickleUnpickler(pickle.Unpickler):
+    """The released MSR-VTT / YouCook2 pickles keep spectrograms as torch tensors: those are rebuilt as
+    numpy arrays without torch; any other torch object is refused, naming it."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self._path = path
+
     def find_class(self, module: str, name: str):
         if module.split(".")[0] == "torch":
-            try:
-                import torch  # noqa: F401  (only when the pickle really holds torch objects)
-            except ModuleNotFoundError:
-                raise ModuleNotFoundError(
-                    f"{self._path}: this pickle stores torch tensors (the released MSR-VTT/YouCook2 pickles "
-                    "keep spectrograms as torch.FloatTensor); install torch to read it: "
-                    "pip install 'eao_jax[torch]'") from None
+            return torch_pickle.plain_pickle_global(module, name, self._path)
         return super().find_class(module, name)
 
 
 def load_pickle(path: str | os.PathLike) -> Any:
-    """Unpickles a released file; torch is imported only if the pickle holds torch objects."""
+    """Unpickles a released file, its torch tensors as numpy arrays (no torch needed)."""
     from etils import epath
 
     path = os.fspath(path)
     if not epath.Path(path).exists():
         raise FileNotFoundError(f"{path}: file not found")
     with epath.Path(path).open("rb") as f:
-        up = _TorchAwareUnpickler(f)
-        up._path = path
         try:
-            return up.load()
-        except ModuleNotFoundError:
-            raise
+            return _ReleasedPickleUnpickler(f, path).load()
+        except torch_pickle.UnsafePickleError as e:
+            raise PrepareError(str(e)) from None
         except Exception as e:
             raise PrepareError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
