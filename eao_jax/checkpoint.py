@@ -322,6 +322,21 @@ def wait_for_saves(mngr: ocp.CheckpointManager) -> None:
         mngr.wait_until_finished()
 
 
+def close_manager(mngr: ocp.CheckpointManager, *, after_error: bool) -> None:
+    """`mngr.close()` (it waits for a save in flight), a failed save raised as CheckpointSaveError.
+
+    With `after_error` (the run is already stopping on an error, often that very save's) a failure
+    here is logged instead: raised from a `finally`, it would replace the error being reported.
+    """
+    try:
+        with _save_errors(mngr):
+            mngr.close()
+    except CheckpointSaveError as e:
+        if not after_error:
+            raise
+        logging.warning("while stopping: %s", e)
+
+
 def restore_training(mngr: ocp.CheckpointManager, step: int, *, model_target: dict, opt_target: dict,
                      with_data: bool = True) -> tuple[dict, dict, IteratorSnapshot | None]:
     """Restores (model_vars, opt_vars, data snapshot) of `step` onto the targets (pure dicts of

@@ -379,20 +379,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     try:
         step, state, resume_msg = _restore_or_init(run)
     except BaseException:
-        run.mngr.close()
+        ckpt.close_manager(run.mngr, after_error=True)
         raise
     _start(run, step, resume_msg, progress_bar=progress_bar)
     train_step = make_train_step(config, run.mesh, run.graphdef, run.shardings)
+    failed = True
     try:
         step, state, status = _iterate(run, train_step, step, state)
         _save_final(run, step, state, status)
+        failed = False
     except BaseException:
         run.logger.close()
         raise
     finally:
         run.prefetch.close()
         run.stop.restore()
-        run.mngr.close()  # waits for a save in flight
+        ckpt.close_manager(run.mngr, after_error=failed)  # waits for a save in flight
     return _finish(run, step, state, status)
 
 

@@ -3,6 +3,7 @@ shardings; the `model` item keeps the converter/evaluator layout."""
 
 import json
 import re
+import types
 
 import checkpoint_damage
 import jax
@@ -118,6 +119,43 @@ def test_iterator_snapshot_roundtrip():
     assert other.state == {"a": [1, 2], "b": "x"}
     with pytest.raises(ValueError, match="no data iterator state"):
         ckpt.IteratorSnapshot().get_state()
+
+
+class _FailingClose:
+    """A manager whose save in flight fails when `close` waits for it (as Orbax raises it there)."""
+
+    directory = "/ckpts"
+
+    def close(self):
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+
+
+def test_closing_a_manager_after_an_error_never_replaces_that_error(caplog):
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"saving a checkpoint in /ckpts failed: ValueError: "
+                                                       r"RESOURCE_EXHAUSTED: No space left on device"):
+        ckpt.close_manager(_FailingClose(), after_error=False)
+    with caplog.at_level("WARNING"):  # the run already stops on an error: the one it reports stays
+        ckpt.close_manager(_FailingClose(), after_error=True)
+    assert "while stopping: saving a checkpoint in /ckpts failed" in caplog.text
+
+
+def test_a_failed_run_reports_its_own_error_when_the_manager_fails_to_close(monkeypatch, tmp_path):
+    """The loop's error (here a checkpoint save) is what `train_and_evaluate` raises, not the error of
+    closing the manager in its `finally` (timing decided which one surfaced)."""
+    idle = types.SimpleNamespace(close=lambda: None, restore=lambda: None)
+    run = types.SimpleNamespace(mngr=_FailingClose(), prefetch=idle, stop=idle, logger=idle, mesh=None,
+                                graphdef=None, shardings=None)
+    monkeypatch.setattr(train, "_setup", lambda config, workdir: run)
+    monkeypatch.setattr(train, "_restore_or_init", lambda run: (0, None, ""))
+    monkeypatch.setattr(train, "_start", lambda *a, **k: None)
+    monkeypatch.setattr(train, "make_train_step", lambda *a, **k: None)
+
+    def iterate(*_):
+        raise ckpt.CheckpointSaveError("saving step 12 in /ckpts failed: ValueError: disk full")
+
+    monkeypatch.setattr(train, "_iterate", iterate)
+    with pytest.raises(ckpt.CheckpointSaveError, match="saving step 12 in /ckpts failed"):
+        train._train_and_evaluate(reference_config(), str(tmp_path))
 
 
 def test_non_finite_state_is_never_saved(setup, tmp_path):

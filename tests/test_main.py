@@ -323,7 +323,9 @@ def test_a_full_workdir_disk_stops_the_run_cleanly_and_earlier_checkpoints_resto
         shutil.copytree(work, copy, symlinks=True)
     assert res.returncode == 1, res.stderr[-3000:]
     stopped = [x for x in res.stderr.splitlines() if x.startswith("Training stopped: ")]
-    assert len(stopped) == 1, res.stderr[-3000:]
+    # (Orbax's asyncio tasks log their ENOSPC tracebacks at exit: show the program's own lines instead.)
+    assert len(stopped) == 1, [x[:300] for x in res.stderr.splitlines() if x[:1].isalpha()
+                               and not re.match(r"[IWEF]\d{4} |future:|Traceback|ValueError|RuntimeError", x)][-20:]
     assert re.match(rf"Training stopped: saving (step \d+|a checkpoint) in {re.escape(str(work / 'checkpoints'))} "
                     r"failed: .*No space left on device", stopped[0]), stopped[0]
     for name in ("metrics.jsonl", "TensorBoard logging"):  # each reported at most once
