@@ -34,6 +34,7 @@ and optimizer state are resharded; the data position carries over, see eao_jax.c
 
 from __future__ import annotations
 
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -82,7 +83,9 @@ def main(argv: list[str]) -> None:
 
 def _fail(line: str) -> None:
     """Ends the command with `line` on stderr in one write: Orbax / TensorStore threads may still be
-    printing at exit, and a separate newline write would let their output into the line."""
+    printing at exit, and a separate newline write would let their output into the line. The failed
+    save's asyncio tasks would then log a page of tracebacks each at exit: the line has said it."""
+    py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     sys.exit(1)

@@ -322,10 +322,10 @@ def test_a_full_workdir_disk_stops_the_run_cleanly_and_earlier_checkpoints_resto
         copy = tmp_path / "copy"
         shutil.copytree(work, copy, symlinks=True)
     assert res.returncode == 1, res.stderr[-3000:]
-    stopped = [x for x in res.stderr.splitlines() if x.startswith("Training stopped: ")]
-    # (Orbax's asyncio tasks log their ENOSPC tracebacks at exit: show the program's own lines instead.)
-    assert len(stopped) == 1, [x[:300] for x in res.stderr.splitlines() if x[:1].isalpha()
-                               and not re.match(r"[IWEF]\d{4} |future:|Traceback|ValueError|RuntimeError", x)][-20:]
+    # Orbax / TensorStore threads still write to stderr when the line is printed: it may land after a
+    # fragment of theirs on the same line. On failure, show every unindented line (not their tracebacks).
+    stopped = [x[x.index("Training stopped: "):] for x in res.stderr.splitlines() if "Training stopped: " in x]
+    assert len(stopped) == 1, "\n".join(x[:300] for x in res.stderr.splitlines() if x[:1].strip())[-6000:]
     assert re.match(rf"Training stopped: saving (step \d+|a checkpoint) in {re.escape(str(work / 'checkpoints'))} "
                     r"failed: .*No space left on device", stopped[0]), stopped[0]
     for name in ("metrics.jsonl", "TensorBoard logging"):  # each reported at most once
