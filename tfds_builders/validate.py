@@ -172,6 +172,7 @@ def check_caption(text: Any, item: str, file) -> str:
 
 
 def as_numpy(x: Any, what: str, item: str, file) -> np.ndarray:
+    """numpy view of an array (a pickle's torch tensors already are numpy arrays), else BadItem naming it."""
     try:
         return np.asarray(x)
     except Exception as e:
