@@ -51,7 +51,7 @@ def test_core_dependencies_are_ranges_the_installed_version_satisfies(name):
     # The floor is a tested version: CI installs it, or (jax / jaxlib on Python 3.12+, whose floor is the
     # newest release with CUDA 12 and TPU runtimes) a later patch release of it, the newest a plain install takes.
     assert Version(installed).release[:2] == Version(floor).release[:2] and Version(installed) >= Version(floor), (
-        f"{req}: the floor should be the tested version {installed} (or an earlier patch release of it)")
+        f"{req}: the floor should be the tested version {installed} (or an earlier patch release of the same minor)")
 
 
 def test_no_exact_pins_anywhere():

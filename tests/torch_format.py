@@ -45,12 +45,23 @@ class _Storage:
         self.key, self.array = key, array
 
 
+def _le_bytes(array: np.ndarray) -> bytes:
+    return array.astype(array.dtype.newbyteorder("<")).tobytes()
+
+
+def _tensor_reduce(storage: Any, arr: np.ndarray) -> tuple:
+    """How torch reduces a C-contiguous tensor over `storage` (offset 0)."""
+    stride = tuple(s // arr.itemsize for s in arr.strides) if arr.ndim else ()
+    return (Global("torch._utils", "_rebuild_tensor_v2"),
+            (storage, 0, tuple(arr.shape), stride, False, collections.OrderedDict()))
+
+
 class _Pickler(pickle._Pickler):
     dispatch = dict(pickle._Pickler.dispatch)
 
-    def __init__(self, file, storages: list[_Storage]):
+    def __init__(self, file, storages: list[_Storage], *, legacy: bool = False):
         super().__init__(file, protocol=2)
-        self.storages = storages
+        self.storages, self.legacy = storages, legacy
 
     def _save_global_stub(self, obj: Global) -> None:
         self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
@@ -59,8 +70,9 @@ class _Pickler(pickle._Pickler):
     dispatch[Global] = _save_global_stub
 
     def persistent_id(self, obj):
-        if isinstance(obj, _Storage):
-            return ("storage", Global("torch", STORAGE[obj.array.dtype]), obj.key, "cpu", obj.array.size)
+        if isinstance(obj, _Storage):  # the legacy format adds the view metadata (none)
+            pid = ("storage", Global("torch", STORAGE[obj.array.dtype]), obj.key, "cpu", obj.array.size)
+            return (*pid, None) if self.legacy else pid
         return None
 
     def reducer_override(self, obj):
@@ -70,9 +82,7 @@ class _Pickler(pickle._Pickler):
             arr = np.array(obj, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
             storage = _Storage(str(len(self.storages)), arr)
             self.storages.append(storage)
-            stride = tuple(s // arr.itemsize for s in arr.strides) if arr.ndim else ()
-            return (Global("torch._utils", "_rebuild_tensor_v2"),
-                    (storage, 0, tuple(arr.shape), stride, False, collections.OrderedDict()))
+            return _tensor_reduce(storage, arr)
         return NotImplemented
 
 
@@ -85,7 +95,7 @@ def save(obj: Any, path: str | os.PathLike) -> None:
         zf.writestr(f"{name}/data.pkl", buf.getvalue())
         zf.writestr(f"{name}/byteorder", "little")
         for s in storages:
-            zf.writestr(f"{name}/data/{s.key}", s.array.astype(s.array.dtype.newbyteorder("<")).tobytes())
+            zf.writestr(f"{name}/data/{s.key}", _le_bytes(s.array))
         zf.writestr(f"{name}/version", "3\n")
 
 
@@ -100,23 +110,16 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
 
 
-class _LegacyStoragePickler(_Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _Storage):
-            return ("storage", Global("torch", STORAGE[obj.array.dtype]), obj.key, "cpu", obj.array.size, None)
-        return None
-
-
 def _legacy_storage_bytes(array: np.ndarray) -> bytes:
     """`torch.save(storage, _use_new_zipfile_serialization=False)`: how torch pickles a storage."""
     buf = io.BytesIO()
     for header in (_LEGACY_MAGIC, 1001, _LEGACY_SYS_INFO):
         pickle.dump(header, buf, protocol=2)
     storage = _Storage("0", array)
-    _LegacyStoragePickler(buf, []).dump(storage)
+    _Pickler(buf, [], legacy=True).dump(storage)
     pickle.dump([storage.key], buf, protocol=2)
     buf.write(struct.pack("<q", array.size))
-    buf.write(array.astype(array.dtype.newbyteorder("<")).tobytes())
+    buf.write(_le_bytes(array))
     return buf.getvalue()
 
 
@@ -126,11 +129,8 @@ class _PlainPickler(pickle._Pickler):
 
     def reducer_override(self, obj):
         if isinstance(obj, Tensor):
-            arr = obj.array
-            stride = tuple(s // arr.itemsize for s in arr.strides) if arr.ndim else ()
-            storage = Call(Global("torch.storage", "_load_from_bytes"), _legacy_storage_bytes(arr.reshape(-1)))
-            return (Global("torch._utils", "_rebuild_tensor_v2"),
-                    (storage, 0, tuple(arr.shape), stride, False, collections.OrderedDict()))
+            storage = Call(Global("torch.storage", "_load_from_bytes"), _legacy_storage_bytes(obj.array.reshape(-1)))
+            return _tensor_reduce(storage, obj.array)
         if isinstance(obj, Call):
             return obj.func, obj.args
         return NotImplemented
