@@ -206,9 +206,9 @@ def flops_per_second_of_audio() -> float:
 
 
 def bench_logmel(seconds: float = 60.0, repeats: int = 5) -> dict[str, float]:
-    """Throughput of the audio recipe on `seconds` of deterministic noise, best of `repeats` in
-    process CPU time (all threads): `logmel` on 16 kHz mono, and `to_mono_16k` on 6-channel 48 kHz
-    float32 (a 5.1 AAC track as a decoder gives it).
+    """Throughput of the audio recipe on `seconds` of deterministic noise, in process CPU time (all
+    threads): `logmel` on 16 kHz mono, and `to_mono_16k` on 6-channel 48 kHz float32 (a 5.1 AAC
+    track as a decoder gives it). Medians over `repeats` (the machine may be shared).
 
     Returns logmel_audio_seconds_per_cpu_second, logmel_audio_seconds_per_wall_second,
     mono_16k_audio_seconds_per_cpu_second, flops_per_audio_second (`flops_per_second_of_audio`) and
@@ -219,17 +219,17 @@ def bench_logmel(seconds: float = 60.0, repeats: int = 5) -> dict[str, float]:
     samples = to_mono_16k(decoded, 48000)
     logmel(samples[:SAMPLE_RATE])  # warm-up
 
-    def best(fn: Any) -> tuple[float, float]:
+    def median(fn: Any) -> tuple[float, float]:
         cpu, wall = [], []
         for _ in range(repeats):
             c0, w0 = time.process_time(), time.perf_counter()
             fn()
             cpu.append(time.process_time() - c0)
             wall.append(time.perf_counter() - w0)
-        return max(min(cpu), 1e-9), min(wall)
+        return max(float(np.median(cpu)), 1e-9), float(np.median(wall))
 
-    logmel_cpu, logmel_wall = best(lambda: logmel(samples))
-    mono_cpu, _ = best(lambda: to_mono_16k(decoded, 48000))
+    logmel_cpu, logmel_wall = median(lambda: logmel(samples))
+    mono_cpu, _ = median(lambda: to_mono_16k(decoded, 48000))
     flops = flops_per_second_of_audio()
     return {"logmel_audio_seconds_per_cpu_second": seconds / logmel_cpu,
             "logmel_audio_seconds_per_wall_second": seconds / logmel_wall,
