@@ -36,9 +36,11 @@ import math
 import os
 import resource
 import time
+import types
 from collections.abc import Iterator, Mapping
 from fractions import Fraction
 
+import av
 import numpy as np
 
 INTERPOLATIONS = ("bicubic", "bilinear", "fast_bilinear", "neighbor", "area", "bicublin", "gauss", "sinc",
@@ -59,7 +61,8 @@ class FrameRecipe:
 
 FRAMES_2D = FrameRecipe(fps=1, short_side=224)
 FRAMES_3D = FrameRecipe(fps=24, short_side=112, crop=True)
-DEFAULT_RECIPES = {"2d": FRAMES_2D, "3d": FRAMES_3D}
+DEFAULT_RECIPES = types.MappingProxyType({"2d": FRAMES_2D, "3d": FRAMES_3D})
+MAX_ASPECT = 10  # a longer side over 10 times the shorter is refused: its 2D frames would be huge
 
 
 class DecodeError(Exception):
@@ -186,8 +189,6 @@ class _Scaler:
         self._graph = None
 
     def _build(self, frame) -> None:
-        import av  # noqa: PLC0415
-
         graph = av.filter.Graph()
         graph.threads = self.threads
         src = graph.add("buffer", video_size=f"{frame.width}x{frame.height}", pix_fmt=str(frame.format.name),
@@ -208,10 +209,7 @@ class _Scaler:
             self._build(frame)
             self._key = key
         self._graph.push(frame)
-        out = self._graph.pull().to_ndarray()
-        if out.shape != self.shape:
-            raise AssertionError(f"scaled frame {out.shape}, expected {self.shape}")
-        return out
+        return self._graph.pull().to_ndarray()
 
 
 class _Frames:
@@ -251,14 +249,13 @@ class VideoDecoder:
     chunk_frames / chunk_samples: the most frames / audio samples one chunk holds.
 
     Packets the decoders reject are skipped, as ffmpeg's command line skips them, and counted in
-    `skipped_packets` ({"video": n, "audio": n}) for the caller to report.
+    `skipped_packets` ({"video": n, "audio": n}) for the caller to report; `decoded_frames` counts the
+    video frames decoded.
     """
 
     def __init__(self, path: os.PathLike | str, recipes: Mapping[str, FrameRecipe] = DEFAULT_RECIPES, *,
                  audio: bool = True, interpolation: str = "bicubic", threads: int = 1, chunk_frames: int = 32,
                  chunk_samples: int = 8 * AUDIO_RATE):
-        import av  # noqa: PLC0415
-
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r}: one of {', '.join(INTERPOLATIONS)}")
         self.path = os.fspath(path)
@@ -269,6 +266,7 @@ class VideoDecoder:
         self.chunk_samples = chunk_samples
         self._iterated = False
         self.skipped_packets = {"video": 0, "audio": 0}
+        self.decoded_frames = 0
         if not os.path.exists(self.path):
             raise DecodeError(self.path, "no such file")
         if os.path.isdir(self.path):
@@ -340,21 +338,23 @@ class VideoDecoder:
         width, height = self._first[0].width, self._first[0].height
         if any(name == "transpose" for name, _ in self._rotation):
             width, height = height, width
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise DecodeError(self.path, f"frame size {width}x{height}: aspect ratio beyond {MAX_ASPECT}:1")
         self.info = VideoInfo(
             path=self.path, codec=vctx.name, pix_fmt=self._first[0].format.name, width=width, height=height,
             rotation=round(-rotation) % 360, frame_rate=self._video.average_rate, duration=duration,
             audio_codec=audio_codec, audio_channels=channels, audio_rate=rate, audio_note=audio_note)
 
     def _decode_video(self, packet) -> list:
-        import av  # noqa: PLC0415
-
         try:
-            return self._video.decode(packet)
+            frames = self._video.decode(packet)
         except av.error.EOFError:
             return []  # already flushed by the demuxer's end-of-stream packet
         except av.error.FFmpegError:
             self.skipped_packets["video"] += 1
             return []
+        self.decoded_frames += len(frames)
+        return frames
 
     def __enter__(self) -> VideoDecoder:
         return self
@@ -371,12 +371,12 @@ class VideoDecoder:
         self._iterated = True
         try:
             yield from self._chunks()
+        except av.error.FFmpegError as e:
+            raise DecodeError(self.path, f"decoding failed ({_ffmpeg_reason(e)})") from None
         finally:
             self.close()
 
     def _chunks(self) -> Iterator[Chunk]:
-        import av  # noqa: PLC0415
-
         tb = self._video.time_base
         start = _rescale_near(self._start.numerator, Fraction(1, self._start.denominator), tb)
         outs = []
@@ -422,14 +422,11 @@ class VideoDecoder:
         for packet in self._pending:
             yield from audio_samples(packet)
         self._pending = []
-        try:
-            for packet in self._packets:
-                if packet.stream is self._video:
-                    yield from video(self._decode_video(packet))
-                else:
-                    yield from audio_samples(packet)
-        except av.error.FFmpegError as e:
-            raise DecodeError(self.path, f"reading failed ({_ffmpeg_reason(e)})") from None
+        for packet in self._packets:
+            if packet.stream is self._video:
+                yield from video(self._decode_video(packet))
+            else:
+                yield from audio_samples(packet)
         yield from video(self._decode_video(None))
         if audio is not None:
             yield from audio_samples(None)
@@ -455,14 +452,12 @@ class _AudioMono:
     """Decodes an audio stream to mono (plain mean of the channels) float32 at AUDIO_RATE."""
 
     def __init__(self, stream, threads: int):
-        import av  # noqa: PLC0415
-
         self.stream = stream
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE, threads=threads)
+        self.threads = threads
+        self.resampler = None
+        self.rate = None
 
     def decode(self, packet, skipped: dict[str, int]) -> Iterator[np.ndarray]:
-        import av  # noqa: PLC0415
-
         try:
             frames = self.stream.decode(packet)
         except av.error.EOFError:
@@ -471,17 +466,35 @@ class _AudioMono:
             skipped["audio"] += 1
             frames = []
         for frame in frames:
+            if frame.sample_rate != self.rate:  # a new resampler when the rate changes mid-stream
+                yield from self._flush()
+                self.rate = frame.sample_rate
+                self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE,
+                                                   threads=self.threads)
             data = frame.to_ndarray()
             if not frame.format.is_planar:
                 data = data.reshape(-1, len(frame.layout.channels)).T
-            mono = data.astype(np.float32).mean(axis=0, dtype=np.float32)[None]
+            mono = _as_float(data).mean(axis=0, dtype=np.float32)[None]
             mono_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono), format="flt", layout="mono")
             mono_frame.sample_rate = frame.sample_rate
             for out in self.resampler.resample(mono_frame):
                 yield out.to_ndarray()[0]
         if packet is None:
+            yield from self._flush()
+
+    def _flush(self) -> Iterator[np.ndarray]:
+        if self.resampler is not None:
             for out in self.resampler.resample(None):
                 yield out.to_ndarray()[0]
+
+
+def _as_float(data: np.ndarray) -> np.ndarray:
+    """Samples as float32 in [-1, 1] (integer formats scaled as FFmpeg converts them)."""
+    if data.dtype == np.uint8:
+        return (data.astype(np.float32) - 128) / 128
+    if data.dtype.kind == "i":
+        return data.astype(np.float32) / 2 ** (8 * data.dtype.itemsize - 1)
+    return data.astype(np.float32)
 
 
 def _ffmpeg_reason(e: Exception) -> str:
@@ -515,7 +528,7 @@ def bench_decode(path: os.PathLike | str, recipes: Mapping[str, FrameRecipe] = D
         info = decoder.info
     usage1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall0
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    source_frames = round((info.duration or 0) * float(info.frame_rate or 0))
+    source_frames = decoder.decoded_frames
     return {
         "path": os.fspath(path), "size": f"{info.width}x{info.height}", "threads": threads,
         "cpu_s": cpu, "wall_s": wall, "source_frames": source_frames,
