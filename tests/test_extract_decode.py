@@ -120,6 +120,9 @@ def test_rotation_metadata_is_applied():
     # becomes the bottom rows.
     frame = out["2d"][0].astype(int)
     assert np.ptp(frame[-40:], axis=-1).max() <= 12 and np.ptp(frame[:40], axis=-1).max() > 100
+    # Other angles go through ffmpeg's `rotate` filter, the frame size kept (frames: the fixture test).
+    info = VideoDecoder(FIXTURES / "rot30.mp4").info
+    assert (info.width, info.height, info.rotation) == (64, 48, 330)
 
 
 def test_short_video_gives_one_row():

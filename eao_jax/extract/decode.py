@@ -9,16 +9,17 @@ The frames are the ones the reference extractor got from the ffmpeg command line
   start as the command line measures it, is rounded to the output rate's tick; output tick n shows the
   last frame whose tick is <= n; ticks repeat a frame when the source is slower; the last frame lasts
   until the rounded end of its duration. Ticks before the first video frame show the first output frame
-  (the command line's constant-frame-rate output for rawvideo pads them so; ffmpeg 4.x, which the
-  reference ran; ffmpeg 5.1 also drops the last frame of such a video). One deviation: a video so short
+  (the command line's constant-frame-rate output for rawvideo pads them so, in ffmpeg 4.2 as in 5.1;
+  5.1 also drops the last frame of such a video). One deviation: a video so short
   that the rule gives no frame (under half an output tick) gives its one frame, where the reference
   gave an empty array and dropped the video.
 - Scaling runs the same `scale` filter (libswscale) in a libavfilter graph, with the command line's
   default interpolation, bicubic (`interpolation` sets another). The output size comes from the displayed
   frame size (after rotation) by `output_size`; the sample aspect ratio is ignored, as the reference did.
 - Rotation metadata (display matrix) is applied as the command line's autorotation does (transpose for
-  ±90°, both flips for 180°, `rotate` otherwise). The reference took the scale size from the stored
-  (unrotated) size and so squashed rotated videos; here the size follows the rotated frame.
+  ±90°, both flips for 180°, `rotate` for other angles; mirroring in the matrix is ignored, as ffmpeg 4.2
+  ignores it). The reference took the scale size from the stored (unrotated) size and so squashed
+  videos turned by 90°; here the size follows the rotated frame.
 
 Audio is decoded from the same pass, its channels averaged with equal weights (as `sox ... channels 1`
 does, which the reference audio recipe ran; libswresample's own downmix weights 5.1 channels unequally)
@@ -151,6 +152,18 @@ class FpsSelector:
             count += max(first_tick, 0)
         self.emitted += count
         return count
+
+
+def _display_rotation(frame: av.VideoFrame) -> float:
+    """The counter-clockwise rotation of the frame's display matrix in degrees, as av_display_rotation_get
+    computes it (PyAV's `rotation` rounds it to whole degrees)."""
+    if av.sidedata.sidedata.Type.DISPLAYMATRIX not in frame.side_data:
+        return 0.0
+    m = np.frombuffer(bytes(frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]), "<i4") / 65536.0
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return 0.0
+    return -math.degrees(math.atan2(m[1] / scale1, m[0] / scale0))
 
 
 def _rotation_filters(rotation_ccw: float) -> list[tuple[str, str | None]]:
@@ -333,7 +346,7 @@ class VideoDecoder:
             self._first = self._decode_video(None)
             if not self._first:
                 raise DecodeError(self.path, "no video frame could be decoded")
-        rotation = self._first[0].rotation
+        rotation = _display_rotation(self._first[0])
         self._rotation = _rotation_filters(rotation)
         width, height = self._first[0].width, self._first[0].height
         if any(name == "transpose" for name, _ in self._rotation):
