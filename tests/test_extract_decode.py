@@ -230,6 +230,9 @@ def test_paths_with_spaces_unicode_and_relative(tmp_path, monkeypatch):
     info, out = decode_video(relative, audio=False)
     assert info.path == str(relative)
     _assert_frames_equal(out["2d"], EXPECTED["plain.mp4"]["2d"], "relative unicode path")
+    for name in ("http:clip.mp4", "concat:clip.mp4|other.mp4"):  # local files, not FFmpeg protocols
+        shutil.copy(FIXTURES / "plain.mp4", tmp_path / name)
+        _assert_frames_equal(decode_video(name, audio=False)[1]["2d"], EXPECTED["plain.mp4"]["2d"], name)
     (tmp_path / "my videos" / "broken ü.mp4").write_bytes(b"")
     _refused(pathlib.Path("my videos") / "broken ü.mp4", "empty file")
 

@@ -287,7 +287,9 @@ class VideoDecoder:
         if os.path.getsize(self.path) == 0:
             raise DecodeError(self.path, "empty file (0 bytes)")
         try:
-            self._container = av.open(self.path, metadata_errors="ignore")
+            # "file:" and the whitelist: a name like "concat:a|b" or "http:x" is a local file, never a protocol.
+            self._container = av.open(f"file:{self.path}", options={"protocol_whitelist": "file"},
+                                      metadata_errors="ignore")
         except av.error.FFmpegError as e:
             raise DecodeError(self.path, f"not a readable media file ({_ffmpeg_reason(e)})") from None
         try:
