@@ -1,6 +1,6 @@
 """Decoding for feature extraction: one pass over a video file gives, streamed in bounded chunks, the frames
 of every frame recipe (the 2D recipe's 1 fps at short side 224, the 3D recipe's 24 fps at short side 112
-centre-cropped to 112×112) and the audio as 16 kHz mono float32.
+centre-cropped to 112×112) and the audio as 16 kHz mono float64 (before the recipe's gain).
 
 The frames are the ones the reference extractor got from the ffmpeg command line
 (`ffmpeg -i IN -vf fps=N,scale=W:H[,crop=S:S:X:Y] -f rawvideo -pix_fmt rgb24 -`), pixel for pixel:
@@ -21,9 +21,11 @@ The frames are the ones the reference extractor got from the ffmpeg command line
   ignores it). The reference took the scale size from the stored (unrotated) size and so squashed
   videos turned by 90°; here the size follows the rotated frame.
 
-Audio is decoded from the same pass, its channels averaged with equal weights (as `sox ... channels 1`
-does, which the reference audio recipe ran; libswresample's own downmix weights 5.1 channels unequally)
-and resampled to 16 kHz by libswresample.
+Audio is decoded from the same pass and goes through the audio recipe's first steps
+(`logmel.mix_to_mono`: each channel on the 16-bit grid of the reference's wav, channels averaged with
+equal weights as `sox ... channels 1` does; libswresample's own downmix weights 5.1 channels unequally),
+then libsoxr's streaming resampler to 16 kHz (`logmel.resampler_16k`: sox's own resampler, within 1 LSB
+of the reference's `sox rate 16000`; libswresample was 6 LSB off).
 
 Bad inputs raise `DecodeError` naming the file and the reason. A truncated file (its video ends before the
 duration its container declares) is refused at the end of iteration: chunks already yielded must be
@@ -43,6 +45,8 @@ from fractions import Fraction
 
 import av
 import numpy as np
+
+from eao_jax.extract import logmel
 
 INTERPOLATIONS = ("bicubic", "bilinear", "fast_bilinear", "neighbor", "area", "bicublin", "gauss", "sinc",
                   "lanczos", "spline")
@@ -100,7 +104,8 @@ class VideoInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """`stream` is a recipe name with `data` (n, h, w, 3) uint8 frames, or "audio" with (n,) float32 samples."""
+    """`stream` is a recipe name with `data` (n, h, w, 3) uint8 frames, or "audio" with (n,) float64
+    16 kHz mono samples."""
 
     stream: str
     data: np.ndarray
@@ -399,7 +404,7 @@ class VideoDecoder:
             scaler = _Scaler(recipe, self.info.height, self.info.width, self._rotation, self.interpolation,
                              self.threads)
             outs.append((_Frames(name, scaler, self.chunk_frames), FpsSelector(), Fraction(1, recipe.fps)))
-        audio = _AudioMono(self._audio, self.threads) if self._audio is not None else None
+        audio = _AudioMono(self._audio, self.path) if self._audio is not None else None
         pending_samples: list[np.ndarray] = []
         held = None
         end = None  # the decoded video's end, in stream ticks from the container's start
@@ -464,11 +469,10 @@ class VideoDecoder:
 
 
 class _AudioMono:
-    """Decodes an audio stream to mono (plain mean of the channels) float32 at AUDIO_RATE."""
+    """Decodes an audio stream to 16 kHz mono float64 (the audio recipe's mix and resampler, streamed)."""
 
-    def __init__(self, stream, threads: int):
-        self.stream = stream
-        self.threads = threads
+    def __init__(self, stream, path: str):
+        self.stream, self.path = stream, path
         self.resampler = None
         self.rate = None
 
@@ -484,23 +488,23 @@ class _AudioMono:
             if frame.sample_rate != self.rate:  # a new resampler when the rate changes mid-stream
                 yield from self._flush()
                 self.rate = frame.sample_rate
-                self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE,
-                                                   threads=self.threads)
+                self.resampler = logmel.resampler_16k(frame.sample_rate)
             data = frame.to_ndarray()
             if not frame.format.is_planar:
                 data = data.reshape(-1, len(frame.layout.channels)).T
-            mono = _as_float(data).mean(axis=0, dtype=np.float32)[None]
-            mono_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono), format="flt", layout="mono")
-            mono_frame.sample_rate = frame.sample_rate
-            for out in self.resampler.resample(mono_frame):
-                yield out.to_ndarray()[0]
+            mono = logmel.mix_to_mono(_as_float(data), f"{self.path}: audio")
+            out = self.resampler.resample_chunk(mono)
+            if len(out):
+                yield out
         if packet is None:
             yield from self._flush()
 
     def _flush(self) -> Iterator[np.ndarray]:
         if self.resampler is not None:
-            for out in self.resampler.resample(None):
-                yield out.to_ndarray()[0]
+            out = self.resampler.resample_chunk(np.zeros(0), last=True)
+            self.resampler = None
+            if len(out):
+                yield out
 
 
 def _as_float(data: np.ndarray) -> np.ndarray:
@@ -526,7 +530,7 @@ def decode_video(path: os.PathLike | str, recipes: Mapping[str, FrameRecipe] = D
             parts[chunk.stream].append(chunk.data)
         info = decoder.info
     out = {name: np.concatenate(parts[name]) for name in recipes}  # every recipe gives at least one frame
-    out["audio"] = np.concatenate(parts["audio"]) if parts["audio"] else np.zeros(0, np.float32)
+    out["audio"] = np.concatenate(parts["audio"]) if parts["audio"] else np.zeros(0, np.float64)
     return info, out
 
 

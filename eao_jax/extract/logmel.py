@@ -154,30 +154,55 @@ def logmel(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, target_length: i
     return _pad_or_crop(_power_to_db(mel_power), target_length).astype(np.float32)
 
 
-def to_mono_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Decoded audio (channels, samples) -> 16 kHz mono int16, as `ffmpeg -vn out.wav` followed by
-    `sox -D out.wav out16k.wav gain -4 channels 1 rate 16000` (module doc; within 1 LSB of sox).
+def mix_to_mono(audio: np.ndarray, name: str = "mix_to_mono") -> np.ndarray:
+    """Decoded audio (channels, samples) -> mono float64 in [-1, 1]: each channel rounded to 16 bits as
+    ffmpeg's wav writer does, then the plain channel mean (sox's `channels 1`).
 
     Args:
       audio: (channels, samples) floating point in [-1, 1], taken as float32 (a decoder's planar
         float output), or int16 (a 16-bit wav).
-      sample_rate: the audio's rate in Hz (any; 16000 only mixes and applies the gain).
     """
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer) or sample_rate < 1:
-        raise ValueError(f"to_mono_16k: sample_rate must be a positive integer, got {sample_rate!r}")
-    x = _check_samples(audio, "to_mono_16k", ndim=2)
+    x = _check_samples(audio, name, ndim=2)
     if x.shape[0] > _MAX_CHANNELS:
-        raise ValueError(f"to_mono_16k: expected (channels, samples) audio, got {x.shape[0]} channels of "
+        raise ValueError(f"{name}: expected (channels, samples) audio, got {x.shape[0]} channels of "
                          f"{x.shape[1]} samples (transposed?)")
     if x.dtype != np.int16:
         # ffmpeg's 16-bit wav: the decoder's float32 samples x 32768, rounded (ties to even, as lrintf),
         # clipped. In float32: exact (a power-of-two scale), and 15x faster than float64's rint here.
         x = np.multiply(x, np.float32(_INT16_SCALE), dtype=np.float32)
         np.clip(np.rint(x, out=x), -_INT16_SCALE, _INT16_SCALE - 1, out=x)
-    mono = x.sum(axis=0, dtype=np.float64) * (10.0 ** (GAIN_DB / 20.0) / (x.shape[0] * _INT16_SCALE))
+    return x.sum(axis=0, dtype=np.float64) / (x.shape[0] * _INT16_SCALE)
+
+
+def resampler_16k(sample_rate: int, name: str = "resampler_16k") -> soxr.ResampleStream:
+    """A streaming libsoxr resampler (HQ, float64 mono) from `sample_rate` to 16 kHz: feed it
+    `mix_to_mono` chunks with `resample_chunk(x, last=...)`; equal to `soxr.resample` of the whole."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer) or sample_rate < 1:
+        raise ValueError(f"{name}: sample_rate must be a positive integer, got {sample_rate!r}")
+    return soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float64", quality="HQ")
+
+
+def to_int16(mono_16k: np.ndarray) -> np.ndarray:
+    """16 kHz mono float in [-1, 1] -> the int16 samples sox writes: the -4 dB gain, rounded, clipped."""
+    y = np.asarray(mono_16k, dtype=np.float64) * (10.0 ** (GAIN_DB / 20.0) * _INT16_SCALE)
+    return np.clip(np.rint(y), -_INT16_SCALE, _INT16_SCALE - 1).astype(np.int16)
+
+
+def to_mono_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Decoded audio (channels, samples) -> 16 kHz mono int16, as `ffmpeg -vn out.wav` followed by
+    `sox -D out.wav out16k.wav gain -4 channels 1 rate 16000` (module doc; within 1 LSB of sox).
+    The whole signal at once; the extraction job streams the same steps (`mix_to_mono`,
+    `resampler_16k`, `to_int16`) chunk by chunk.
+
+    Args:
+      audio: (channels, samples), see `mix_to_mono`.
+      sample_rate: the audio's rate in Hz (any; 16000 only mixes and applies the gain).
+    """
+    resampler = resampler_16k(sample_rate, "to_mono_16k")
+    mono = mix_to_mono(audio, "to_mono_16k")
     if sample_rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ")
-    return np.clip(np.rint(mono * _INT16_SCALE), -_INT16_SCALE, _INT16_SCALE - 1).astype(np.int16)
+        mono = resampler.resample_chunk(mono, last=True)
+    return to_int16(mono)
 
 
 def save_spectrogram(path: str | os.PathLike, spec: np.ndarray) -> None:
