@@ -110,6 +110,28 @@ def item_list(n: int, *, d2: int = 6, d3: int = 5, seed: int = 0, key_2d: str = 
     return items
 
 
+def pandas_frame(columns: dict[str, list]) -> torch_format.Build:
+    """A pandas DataFrame of float and str columns as pandas 0.2x pickled one (`pickle.dump` of the frame
+    writes its BlockManager's state: axes, then a float block and an object block with their column
+    positions), for `write_pickle`; pandas >= 1.3 files are in tests/data/pandas_captions."""
+    G, C, New = torch_format.Global, torch_format.Call, torch_format.New
+    names = list(columns)
+    floats = [k for k in names if not isinstance(columns[k][0], str)]
+    texts = [k for k in names if isinstance(columns[k][0], str)]
+    rows = len(columns[names[0]])
+    blocks = [{"values": np.array([columns[k] for k in floats], np.float64),
+               "mgr_locs": np.array([names.index(k) for k in floats], np.int64)},
+              {"values": np.array([columns[k] for k in texts], object), "mgr_locs": slice(len(floats), len(names), 1)}]
+    new_index = G("pandas.core.indexes.base", "_new_Index")
+    axes = [C(new_index, G("pandas.core.indexes.base", "Index"), {"data": np.array(names, object), "name": None}),
+            C(new_index, G("pandas.core.indexes.range", "RangeIndex"), {"name": None, "start": 0, "stop": rows,
+                                                                         "step": 1})]
+    state = (axes, [b["values"] for b in blocks], [floats, texts], {"0.14.1": {"axes": axes, "blocks": blocks}})
+    manager = torch_format.Build(New(G("pandas.core.internals.managers", "BlockManager")), state)
+    return torch_format.Build(New(G("pandas.core.frame", "DataFrame")),
+                              {"_data": manager, "_typ": "dataframe", "_metadata": []})
+
+
 def write_pickle(path: pathlib.Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:

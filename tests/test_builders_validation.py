@@ -103,6 +103,28 @@ def test_video_without_caption(tmp_path):
         _prep_howto(tmp_path)
 
 
+def test_howto_bad_captions_are_named_per_video(tmp_path):
+    """Captions go to the shard workers as JSON (not pickle): one that fails the caption checks there
+    is reported for its video, naming the released file."""
+    _, ids = _howto(tmp_path, n=4)
+    caps = load_pickle(tmp_path / "m" / "caption.pickle")
+    caps[ids[1]]["end"] = caps[ids[1]]["end"][:-1]
+    caps[ids[2]]["start"] = caps[ids[2]]["start"][::-1].copy()
+    caps[ids[3]]["start"][0] = np.inf
+    write_pickle(tmp_path / "m" / "caption.pickle", caps)
+    with pytest.raises(PrepareError, match=rf"howto100m/train: bad annotation: item '{ids[1]}', file "
+                                           r".*caption\.pickle: caption start/end/text lengths differ"):
+        _prep_howto(tmp_path)
+    s = _prep_howto(tmp_path, skip_bad=True)
+    assert s["written"] == {"train": 1} and s["skipped"] == {"train": {"bad annotation": 2, "NaN or Inf values": 1}}
+    report = json.loads(open(s["report"]).read())
+    assert {(it["item"], it["detail"]) for it in report["skipped_items"]} == {
+        (ids[1], f"caption start/end/text lengths differ ({len(caps[ids[1]]['start'])}, "
+                 f"{len(caps[ids[1]]['end'])}, {len(caps[ids[1]]['text'])})"),
+        (ids[2], "caption segments are not sorted by start time"), (ids[3], "caption start/end")}
+    assert {it["file"] for it in report["skipped_items"]} == {str(tmp_path / "m" / "caption.pickle")}
+
+
 def test_empty_caption_and_nan_in_pickles(tmp_path):
     items = item_list(4)
     items[2]["eval_caption"] = "  "
@@ -165,7 +187,7 @@ def test_interrupted_prepare_leaves_no_half_dataset(tmp_path, monkeypatch):
     _howto(tmp_path, n=4)
     from tfds_builders.howto100m import shards as hb
 
-    real = hb.caption_arrays
+    real = hb.video_records
     calls = {"n": 0}
 
     def interrupting(*a, **k):
@@ -174,11 +196,11 @@ def test_interrupted_prepare_leaves_no_half_dataset(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(hb, "caption_arrays", interrupting)
+    monkeypatch.setattr(hb, "video_records", interrupting)
     with pytest.raises(KeyboardInterrupt):
         _prep_howto(tmp_path)
     assert _no_dataset_left(tmp_path)  # neither a version directory nor a temporary one
-    monkeypatch.setattr(hb, "caption_arrays", real)
+    monkeypatch.setattr(hb, "video_records", real)
     # a killed prepare (no cleanup) leaves a temporary directory: the next prepare removes it
     stale = tmp_path / "d" / "howto100m" / "resnet_fp32" / "incomplete.ABC123_1.0.0"
     stale.mkdir(parents=True)
@@ -201,7 +223,9 @@ def test_pickles_holding_torch_tensors_load_without_torch(tmp_path, monkeypatch)
 
 def test_a_pickle_naming_another_torch_object_is_refused_by_name(tmp_path):
     write_pickle(tmp_path / "a.pkl", {"x": torch_format.Call(torch_format.Global("torch", "load"), "other.pth")})
-    with pytest.raises(PrepareError, match=r"a\.pkl: refusing to load torch\.load: of torch, only tensors"):
+    with pytest.raises(PrepareError, match=r"a\.pkl: refusing to load torch\.load: only numpy arrays, pandas data "
+                                           r"frames, torch tensors and plain containers .* are read from a dataset "
+                                           r"pickle"):
         load_pickle(tmp_path / "a.pkl")
 
 
@@ -439,3 +463,39 @@ def test_wrong_dimension_names_the_way_out_for_item_datasets(tmp_path):
     with pytest.raises(PrepareError, match=r"wrong feature dimension: item 'clip0'.*2D features has dimension 6, "
                                            r"expected 7; .*--config \(resnet, s3d, clip\).*--feature_dims=D2,D3"):
         prepare("msrvtt", tmp_path / "d", tmp_path / "m", feature_dims=(7, 5))
+
+
+PANDAS_CAPTIONS = {"vidA": {"start": [0.5, 2.25, 7.1], "end": [2.0, 4.0, 9.95], "text": ["cut the onion", "stir",
+                                                                                         "añade sal"]},
+                   "vidB": {"start": [1.0], "end": [3.5], "text": ["heat oil"]}}
+
+
+@pytest.mark.parametrize("version", ["1.5.3", "2.2.3"])
+def test_pandas_data_frames_read_as_dicts_of_columns_without_pandas(data_dir, version, monkeypatch):
+    """caption.pickle may hold each video's captions as a pandas DataFrame: files pickled by pandas
+    itself (tests/data/pandas_captions) read as dicts of their columns, pandas not imported."""
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    caps = load_pickle(data_dir / "pandas_captions" / f"caption-pandas-{version}.pickle")
+    assert list(caps) == list(PANDAS_CAPTIONS)
+    for vid, want in PANDAS_CAPTIONS.items():
+        assert list(caps[vid]) == ["start", "end", "text"]
+        for k, v in want.items():
+            assert caps[vid][k].tolist() == v and caps[vid][k].dtype == (object if k == "text" else np.float64)
+
+
+def test_howto_captions_as_pandas_0_2x_data_frames(tmp_path):
+    """The pandas 0.2x layout (a BlockManager's state, not a call) through a whole prepare."""
+    from fixtures_data import pandas_frame
+
+    videos, ids = _howto(tmp_path, n=2)
+    frames = {vid: pandas_frame({k: list(v["caption"][k]) for k in ("start", "end", "text")})
+              for vid, v in videos.items()}
+    write_pickle(tmp_path / "m" / "caption.pickle", frames)
+    s = _prep_howto(tmp_path)
+    assert s["written"] == {"train": 2}
+    store = HowToStore(PreparedDataset(s["path"]), "train")
+    for i, vid in enumerate(ids):
+        r = store.whole(i)
+        assert r["id"] == vid and r["caption_text"] == videos[vid]["caption"]["text"]
+        np.testing.assert_array_equal(r["caption_start"], videos[vid]["caption"]["start"])
+        np.testing.assert_array_equal(r["caption_end"], videos[vid]["caption"]["end"])

@@ -151,3 +151,20 @@ def test_main_other_errors_are_one_line_too(tmp_path):
                               "--config.data.dataset=howto100m", f"--config.data.data_dir={tmp_path / 'nodata'}",
                               "--progress_bar=false", cwd=tmp_path))
     assert line.startswith(f"main: {tmp_path / 'nodata' / 'howto100m'}: dataset 'howto100m' is not prepared in ")
+
+
+# ------------------------------------------------------------------------------------------- prepare
+
+
+def test_prepare_names_the_file_and_the_code_it_refuses(tmp_path):
+    from fixtures_data import item_list, write_pickle  # noqa: PLC0415
+
+    items = item_list(3)
+    items[1]["caption"][0] = torch_format.Call(torch_format.Global("os", "system"), "touch PWNED")
+    write_pickle(tmp_path / "m" / "msrvtt_jsfusion_test.pkl", items)
+    line = one_line_error(run("prepare", "--dataset=msrvtt", "--manual_dir=m", "--data_dir=d", cwd=tmp_path))
+    assert line.startswith("prepare: ") and line.endswith(
+        "m/msrvtt_jsfusion_test.pkl: refusing to load os.system: only numpy arrays, pandas data frames, torch "
+        "tensors and plain containers (dict, list, tuple, numbers, strings) are read from a dataset pickle, so that "
+        "loading it cannot run code"), line
+    assert not (tmp_path / "PWNED").exists()

@@ -10,12 +10,11 @@ from __future__ import annotations
 import collections
 import json
 import os
-import pickle
 from typing import Any
 
 import numpy as np
 
-from eao_jax import torch_pickle
+from eao_jax import safe_pickle, torch_pickle
 from eao_jax.batch_contract import N_MELS
 
 REPORT_FILE = "prepare_report.json"
@@ -179,31 +178,26 @@ def as_numpy(x: Any, what: str, item: str, file) -> np.ndarray:
         raise BadItem(WRONG_SHAPE, item, file, f"{what} is not an array ({type(x).__name__}: {e})") from None
 
 
-class _ReleasedPickleUnpickler(pickle.Unpickler):
-    """The released MSR-VTT / YouCook2 pickles keep spectrograms as torch tensors: those are rebuilt as
-    numpy arrays without torch; any other torch object is refused, naming it."""
-
-    def __init__(self, file, path: str):
-        super().__init__(file)
-        self._path = path
-
-    def find_class(self, module: str, name: str):
-        if module.split(".")[0] == "torch":
-            return torch_pickle.plain_pickle_global(module, name, self._path)
-        return super().find_class(module, name)
+_PICKLE_CONTENT = ("only numpy arrays, pandas data frames, torch tensors and plain containers (dict, list, tuple, "
+                   "numbers, strings) are read from a dataset pickle")
 
 
 def load_pickle(path: str | os.PathLike) -> Any:
-    """Unpickles a released file, its torch tensors as numpy arrays (no torch needed)."""
+    """Unpickles a released file without running its code (`eao_jax.safe_pickle`): numpy arrays, plain
+    containers, pandas data frames as dicts of columns and torch tensors as numpy arrays (no pandas or
+    torch needed); any other global is refused, naming it (`PrepareError`)."""
     from etils import epath
 
     path = os.fspath(path)
-    if not epath.Path(path).exists():
+    p = epath.Path(path)
+    if not p.exists():
         raise FileNotFoundError(f"{path}: file not found")
-    with epath.Path(path).open("rb") as f:
+    allowed = {**safe_pickle.PLAIN_GLOBALS, **safe_pickle.PANDAS_GLOBALS,
+               **torch_pickle.plain_pickle_globals(p.stat().length, path)}
+    with p.open("rb") as f:
         try:
-            return _ReleasedPickleUnpickler(f, path).load()
-        except torch_pickle.UnsafePickleError as e:
+            return safe_pickle.Unpickler(f, path, allowed, _PICKLE_CONTENT).load()
+        except safe_pickle.UnsafePickleError as e:
             raise PrepareError(str(e)) from None
         except Exception as e:
             raise PrepareError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None

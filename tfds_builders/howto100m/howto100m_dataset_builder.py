@@ -34,7 +34,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import pickle
 from typing import Any
 
 import numpy as np
@@ -190,7 +189,7 @@ class Howto100m(common.EaoBuilder):
             self._known.save(known_path)
         vps = self._shard_videos()
         groups = [tuple(enumerate(paths))[i:i + vps] for i in range(0, len(paths), vps)]
-        tasks = [shards.ShardTask(index=i, videos=g, captions=str(work / f"captions-{i:05d}.pkl"),
+        tasks = [shards.ShardTask(index=i, videos=g, captions=str(work / f"captions-{i:05d}.json"),
                                   caption_source=caption_file,
                                   output=str(work / f"shard-{i:05d}.array_record"),
                                   summary=str(work / f"summary-{i:05d}.json"), spec=spec, skip_bad=self._skip_bad,
@@ -250,7 +249,8 @@ class Howto100m(common.EaoBuilder):
 
 
 def split_captions(caption_file: str, tasks: list[shards.ShardTask]) -> None:
-    """Reads caption.pickle once and writes each shard's captions to its own small file.
+    """Reads caption.pickle once and writes each shard's captions to its own small file (JSON, see
+    `shards.write_captions`).
 
     The released pickle cannot be read partially, so this is the one step that holds all captions
     (about 20-25 GB for the full HowTo100M); workers only ever load their shard's file.
@@ -264,23 +264,9 @@ def split_captions(caption_file: str, tasks: list[shards.ShardTask]) -> None:
             vid = shards.video_id(path)
             cap = captions.get(vid)
             if cap is not None:
-                part[vid] = {k: _plain(cap, k) for k in ("start", "end", "text")} if _has_fields(cap) else cap
-        with epath.Path(t.captions).open("wb") as f:
-            pickle.dump(part, f, protocol=pickle.HIGHEST_PROTOCOL)
+                part[vid] = cap
+        shards.write_captions(t.captions, part, caption_file)
     del captions
-
-
-def _has_fields(cap: Any) -> bool:
-    try:
-        return all(k in cap for k in ("start", "end", "text"))
-    except TypeError:
-        return False
-
-
-def _plain(cap: Any, key: str) -> Any:
-    """A caption column as numpy / list (a pandas column would need pandas in every worker)."""
-    v = cap[key]
-    return list(v) if key == "text" else np.asarray(v)
 
 
 def read_summary(task: shards.ShardTask) -> dict | None:

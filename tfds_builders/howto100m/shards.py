@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +69,7 @@ class ShardTask:
 
     index: int
     videos: tuple[tuple[int, str], ...]
-    captions: str  # pickle: video id -> caption of this shard's videos only
+    captions: str  # JSON (write_captions): video id -> caption of this shard's videos only
     caption_source: str  # the released caption file (named in messages)
     output: str  # the shard's ArrayRecord file
     summary: str  # the shard's JSON summary
@@ -118,6 +117,22 @@ def caption_arrays(cap: Any, vid: str, file: str) -> tuple[np.ndarray, np.ndarra
     return start, end, text
 
 
+def write_captions(path: str, captions: dict[str, Any], source: str) -> None:
+    """Writes a shard's captions as JSON, video id -> {start, end, text} as `caption_arrays` validates
+    them (JSON writes a float by its shortest exact repr: the times read back bit-identical), or
+    {bad: [reason, detail]} for a caption it refuses (`load_video` reports it for its video)."""
+    out: dict[str, Any] = {}
+    for vid, cap in captions.items():
+        try:
+            start, end, text = caption_arrays(cap, vid, source)
+        except V.BadItem as e:
+            out[vid] = {"bad": [e.reason, e.detail]}
+            continue
+        out[vid] = {"start": start.tolist(), "end": end.tolist(), "text": text}
+    with epath.Path(path).open("w") as f:
+        json.dump(out, f, allow_nan=False)
+
+
 _EMPTY = {np.dtype(np.float16): np.zeros((0, 0), np.float16), np.dtype(np.float32): np.zeros((0, 0), np.float32)}
 
 
@@ -139,6 +154,8 @@ def load_video(spec: VideoSpec, path: str, caption: Any, caption_file: str) -> d
     ex["audio"] = V.check_spectrogram(V.load_npz_key(pa, "arr_0", vid), vid, pa, np.dtype(spec.audio_dtype))
     if caption is None:
         raise V.BadItem(V.NO_CAPTION, vid, caption_file, "video id not in the caption file")
+    if isinstance(caption, dict) and set(caption) == {"bad"}:  # refused by write_captions
+        raise V.BadItem(caption["bad"][0], vid, caption_file, caption["bad"][1])
     start, end, text = caption_arrays(caption, vid, caption_file)
     ex.update(caption_start=start, caption_end=end, caption_text=text)
     return ex
@@ -216,8 +233,8 @@ def run_shard(task: ShardTask, progress: Callable[[int], None] | None = None) ->
     from tfds_builders.writer import ShardWriter
 
     spec = task.spec
-    with epath.Path(task.captions).open("rb") as f:
-        captions = pickle.load(f)
+    with epath.Path(task.captions).open("r") as f:
+        captions = json.load(f)
     writer = ShardWriter(record_features(spec.layout, spec.feature_dtype, spec.audio_dtype), task.output,
                          spec.array_record_options)
     known = _known_words(task.known_words)
