@@ -407,18 +407,18 @@ class Extractor:
     def __init__(self, model: CLIP, tokenizer: Tokenizer | None = None, *, batch_size: int = 32,
                  compute_dtype: Any = jnp.float32, devices: list | None = None):
         self.cfg, self._tokenizer = model.cfg, tokenizer
-        self._image = Runner(model.visual, lambda m, x: m(x), batch_size, compute_dtype=compute_dtype,
+        self.image_runner = Runner(model.visual, lambda m, x: m(x), batch_size, compute_dtype=compute_dtype,
                              devices=devices)
-        self._text = Runner(model.textual, lambda m, ids: m(ids), batch_size, compute_dtype=compute_dtype,
+        self.text_runner = Runner(model.textual, lambda m, ids: m(ids), batch_size, compute_dtype=compute_dtype,
                             devices=devices)
 
     def image(self, frames: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 frames, short side = image_resolution -> image features (N, E)."""
-        return self._image(centre_crop(frames, self.cfg.image_resolution))
+        return self.image_runner(centre_crop(frames, self.cfg.image_resolution))
 
     def text_outputs(self, ids: np.ndarray) -> np.ndarray:
         """(N, L) token ids -> per-token outputs (N, L, E)."""
-        return self._text(ids)
+        return self.text_runner(ids)
 
     def text(self, texts: Sequence[str], max_tokens: int = MAX_TOKENS) -> dict[str, np.ndarray]:
         """EAO's CLIP text input: {"tokens": (N, max_tokens, E), "mask": (N, max_tokens),
@@ -426,17 +426,17 @@ class Extractor:
         if self._tokenizer is None:
             self._tokenizer = Tokenizer()
         ids = self._tokenizer.tokenize(texts, self.cfg.context_length)
-        outputs = self._text(ids)
+        outputs = self.text_runner(ids)
         tokens, mask = text_tokens(outputs, ids, max_tokens)
         return {"tokens": tokens, "mask": mask, "features": text_features(outputs, ids)}
 
 
-def benchmark(batch_size: int = 32, repeats: int = 3, compute_dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Full-size ViT-B/32 (random weights): image frames per second and text rows (77 tokens) per
-    second on this machine, and XLA's FLOPs per frame / per text (`runner.measure`)."""
+def benchmark(batch_size: int = 32, repeats: int = 3, compute_dtype: Any = jnp.float32,
+              cfg: CLIPConfig = CLIPConfig()) -> dict[str, Any]:
+    """CLIP (ViT-B/32 by default; random weights): {"image": frames, "text": texts (context_length
+    tokens)} each measured by `runner.measure` (rows_per_s, flops_per_row, ...) on this machine."""
     from eao_jax.extract.runner import measure  # noqa: PLC0415
 
-    cfg = CLIPConfig()
     model = CLIP(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     image = Runner(model.visual, lambda m, x: m(x), batch_size, compute_dtype=compute_dtype)

@@ -282,16 +282,16 @@ def load(path: str | os.PathLike) -> S3D:
 
 
 class _NpyObjectUnpickler(pickle.Unpickler):
-    """An object array's pickle as `np.save` writes it: only numpy's array and dtype reconstruction
-    are admitted, so the file's entries can only be plain values (strings, numbers)."""
+    """An object array's pickle as `np.save` writes it: only numpy's array, dtype and string-scalar
+    reconstruction are admitted, so its entries can only be plain values (str, numpy str, numbers)."""
 
     def find_class(self, module: str, name: str):
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            return _empty_array
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
+            return _empty_array if name == "_reconstruct" else _string_scalar
         if (module, name) == ("numpy", "ndarray"):
             return np.ndarray
         if (module, name) == ("numpy", "dtype"):
-            return _object_dtype
+            return _word_dtype
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a word dictionary holds only an array "
                                      "of strings")
 
@@ -302,10 +302,17 @@ def _empty_array(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
     return np.ndarray.__new__(np.ndarray, (0,), np.uint8)  # filled (and resized) by its __setstate__
 
 
-def _object_dtype(spec: Any, *args: Any) -> np.dtype:
-    if spec != "O8":
-        raise pickle.UnpicklingError(f"dtype {spec!r} in an object array's pickle")
-    return np.dtype("O8", False, True)  # a copy, as numpy's own unpickling makes (its state is set next)
+def _word_dtype(spec: Any, *args: Any) -> np.dtype:
+    if not isinstance(spec, str) or not re.fullmatch(r"O8|[US]\d+", spec):
+        raise pickle.UnpicklingError(f"dtype {spec!r} in a word array")
+    return np.dtype(spec, False, True)  # a copy, as numpy's own unpickling makes (its state is set next)
+
+
+def _string_scalar(dtype: Any, data: Any) -> Any:
+    """numpy's str / bytes scalars (an array's entries when it was built from numpy strings)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "US" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("a numpy scalar that is not a string")
+    return np.frombuffer(data, dtype, count=1)[0]
 
 
 def load_word_dict(path: str | os.PathLike) -> dict[str, int]:
@@ -392,30 +399,31 @@ class Extractor:
     def __init__(self, model: S3D, vocab: dict[str, int] | None = None, *, batch_size: int = 8,
                  compute_dtype: Any = jnp.float32, devices: list | None = None):
         self.vocab, self._c5 = vocab, model.cfg.mixed_5c_dim
-        self._video = Runner(model.video_net, lambda m, x: jnp.concatenate(m(x), axis=-1), batch_size,
+        self.video_runner = Runner(model.video_net, lambda m, x: jnp.concatenate(m(x), axis=-1), batch_size,
                              compute_dtype=compute_dtype, devices=devices)
-        self._text = Runner(model.text_module, lambda m, ids: m(ids), batch_size, compute_dtype=compute_dtype,
+        self.text_runner = Runner(model.text_module, lambda m, ids: m(ids), batch_size, compute_dtype=compute_dtype,
                             devices=devices)
 
     def video(self, clips: np.ndarray) -> dict[str, np.ndarray]:
         """clips (N, T, H, W, 3) uint8 (or float in [0, 1]) -> {"mixed_5c": (N, C5), "video_embedding": (N, E)}."""
-        out = self._video(clips)
+        out = self.video_runner(clips)
         return {"mixed_5c": out[:, :self._c5], "video_embedding": out[:, self._c5:]}
 
     def text(self, sentences: Sequence[str]) -> np.ndarray:
         """(N,) sentences -> text_embedding (N, E)."""
         if self.vocab is None:
             raise ValueError("text needs the word dictionary (s3d_dict.npy): Extractor(model, load_word_dict(path))")
-        return self._text(word_ids(sentences, self.vocab))
+        return self.text_runner(word_ids(sentences, self.vocab))
 
 
 def benchmark(batch_size: int = 4, frames: int = 32, size: int = 224, repeats: int = 3,
-              compute_dtype: Any = jnp.float32) -> dict[str, Any]:
-    """The full-size S3D video network (random weights) on (batch_size, frames, size, size, 3) clips:
-    clips per second on this machine and XLA's FLOPs per clip (`runner.measure`)."""
+              compute_dtype: Any = jnp.float32, cfg: S3DConfig = S3DConfig()) -> dict[str, Any]:
+    """The S3D video network (full size by default; random weights) on (batch_size, frames, size,
+    size, 3) uint8 clips: clips per second on this machine and XLA's FLOPs per clip (`runner.measure`:
+    rows_per_s = clips per second, flops_per_row = FLOPs per clip)."""
     from eao_jax.extract.runner import measure  # noqa: PLC0415
 
-    model = S3DVideo(S3DConfig(), rngs=nnx.Rngs(0))
+    model = S3DVideo(cfg, rngs=nnx.Rngs(0))
     runner = Runner(model, lambda m, x: m(x)[0], batch_size, compute_dtype=compute_dtype)
     clips = np.random.default_rng(0).integers(0, 256, (runner.batch_size, frames, size, size, 3), np.uint8)
     return {"backbone": "s3d", "clip_shape": [frames, size, size], **measure(runner, clips, repeats)}
