@@ -221,3 +221,11 @@ def test_script_module_state_keeps_tensors_and_submodules():
     obj = torch_pickle.ScriptModuleState()
     obj.__setstate__({"w": np.zeros(2), "training": True, "n": 3, "sub": torch_pickle.ScriptModuleState()})
     assert set(obj) == {"w", "sub"}
+
+
+def test_torchscript_objects_only_when_asked(data_dir):
+    """Plain checkpoint loading still refuses TorchScript module classes; CLIP's loader opts in."""
+    from eao_jax import torch_pickle
+
+    with pytest.raises(torch_pickle.UnsafePickleError, match=r"refusing to load __torch__\.model\.CLIP"):
+        weights.load_state_dict(data_dir / "extract" / "clip_tiny_jit.pt")

@@ -416,7 +416,7 @@ class Extractor:
         return self.text_runner(word_ids(sentences, self.vocab))
 
 
-def benchmark(batch_size: int = 4, frames: int = 32, size: int = 224, repeats: int = 3,
+def benchmark(batch_size: int = 4, frames: int = 32, size: int = 256, repeats: int = 3,
               compute_dtype: Any = jnp.float32, cfg: S3DConfig = S3DConfig()) -> dict[str, Any]:
     """The S3D video network (full size by default; random weights) on (batch_size, frames, size,
     size, 3) uint8 clips: clips per second on this machine and XLA's FLOPs per clip (`runner.measure`:
