@@ -180,6 +180,14 @@ def test_default_vocabulary_from_open_clip_wheel(tmp_path, monkeypatch, data_dir
         clip.Tokenizer()
 
 
+def test_tokenizer_must_match_the_checkpoint(state, data_dir):
+    """The small vocabulary (2514 tokens) against the fixture's 300 embeddings: refused, not clamped."""
+    small = clip.Tokenizer(data_dir / "extract" / "clip_bpe_small.txt.gz")
+    ex = clip.Extractor(clip.from_state_dict(state, "x"), small)
+    with pytest.raises(ValueError, match="the tokenizer has 2514 tokens, the checkpoint 300 token embeddings"):
+        ex.text(["a photo"])
+
+
 def test_centre_crop():
     frames = np.arange(5 * 8, dtype=np.uint8).reshape(1, 5, 8, 1) * np.ones((1, 1, 1, 3), np.uint8)
     # torchvision's offsets: int(round((8 - 5) / 2)) = 2 (round half to even), int(round(0 / 2)) = 0

@@ -82,6 +82,17 @@ def test_batchnorm_statistics_matter(extractor, state, ref):
     assert np.abs(_unit(out) - _unit(ref["mixed_5c"])).max() > 0.05
 
 
+def test_word_past_the_embedding_refused(extractor, vocab):
+    """A dictionary longer than the checkpoint's embedding: the word past it is named (the reference
+    raises an index error on it; JAX would silently clamp the id)."""
+    extractor.vocab = {**vocab, "zebra": 64}
+    try:
+        with pytest.raises(ValueError, match="word 'zebra' has id 64 in the dictionary, past the checkpoint's 64"):
+            extractor.text(["the zebra"])
+    finally:
+        extractor.vocab = vocab
+
+
 def test_bfloat16_close(data_dir, ref):
     ex = s3d.Extractor(s3d.load(data_dir / "extract" / "s3d_small.pth"), batch_size=2, compute_dtype=jnp.bfloat16,
                        devices=jax.devices()[:2])

@@ -426,6 +426,9 @@ class Extractor:
         if self._tokenizer is None:
             self._tokenizer = Tokenizer()
         ids = self._tokenizer.tokenize(texts, self.cfg.context_length)
+        if self._tokenizer.vocab_size != self.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {self._tokenizer.vocab_size} tokens, the checkpoint "
+                             f"{self.cfg.vocab_size} token embeddings")
         outputs = self.text_runner(ids)
         tokens, mask = text_tokens(outputs, ids, max_tokens)
         return {"tokens": tokens, "mask": mask, "features": text_features(outputs, ids)}

@@ -54,9 +54,9 @@ _WORD = re.compile(r"[\w']+")
 
 @dataclasses.dataclass(frozen=True)
 class S3DConfig:
-    """Widths of an S3D (the released model's in brackets)."""
+    """Widths of an S3D (defaults: the released model's)."""
 
-    stem: int = 64  # conv1 (64)
+    stem: int = 64
     conv_2b: int = 64
     conv_2c: int = 192
     blocks: tuple[tuple[int, ...], ...] = (
@@ -398,7 +398,7 @@ class Extractor:
 
     def __init__(self, model: S3D, vocab: dict[str, int] | None = None, *, batch_size: int = 8,
                  compute_dtype: Any = jnp.float32, devices: list | None = None):
-        self.vocab, self._c5 = vocab, model.cfg.mixed_5c_dim
+        self.vocab, self._c5, self._rows = vocab, model.cfg.mixed_5c_dim, model.cfg.vocab_size
         self.video_runner = Runner(model.video_net, lambda m, x: jnp.concatenate(m(x), axis=-1), batch_size,
                              compute_dtype=compute_dtype, devices=devices)
         self.text_runner = Runner(model.text_module, lambda m, ids: m(ids), batch_size, compute_dtype=compute_dtype,
@@ -413,7 +413,12 @@ class Extractor:
         """(N,) sentences -> text_embedding (N, E)."""
         if self.vocab is None:
             raise ValueError("text needs the word dictionary (s3d_dict.npy): Extractor(model, load_word_dict(path))")
-        return self.text_runner(word_ids(sentences, self.vocab))
+        ids = word_ids(sentences, self.vocab)
+        if ids.max(initial=0) >= self._rows:  # the reference fails on such a word too (an index error)
+            word = next(w for w, i in self.vocab.items() if i == ids.max())
+            raise ValueError(f"word {word!r} has id {ids.max()} in the dictionary, past the checkpoint's "
+                             f"{self._rows} word embeddings")
+        return self.text_runner(ids)
 
 
 def benchmark(batch_size: int = 4, frames: int = 32, size: int = 256, repeats: int = 3,
