@@ -151,6 +151,10 @@ def test_word_dict_refuses_code(tmp_path):
     path.write_bytes(buf.getvalue())
     with pytest.raises(ValueError, match=r"evil.npy: refusing to load builtins.print"):
         s3d.load_word_dict(path)
+    np.save(tmp_path / "cut.npy", np.array(["a", "b", "c"]))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:-4])
+    with pytest.raises(ValueError, match=r"cut.npy: truncated: its header announces 3 words of <U1"):
+        s3d.load_word_dict(tmp_path / "cut.npy")
     np.save(tmp_path / "floats.npy", np.zeros(3))
     with pytest.raises(ValueError, match=r"floats.npy: expected an array of words, got dtype float64"):
         s3d.load_word_dict(tmp_path / "floats.npy")

@@ -337,6 +337,8 @@ def load_word_dict(path: str | os.PathLike) -> dict[str, int]:
             except Exception as e:
                 raise ValueError(f"{source}: {e}") from None
         elif dtype.kind in "US":
+            if shape[0] * dtype.itemsize > os.path.getsize(source) - f.tell():  # never allocate past the file
+                raise ValueError(f"{source}: truncated: its header announces {shape[0]} words of {dtype}")
             f.seek(0)
             words = np.load(f, allow_pickle=False)
         else:

@@ -3,7 +3,8 @@
 `load_state_dict` reads a `.pth` into a flat `{key: np.ndarray}`; `StateDict` hands its entries to a
 converter one key at a time, checking each shape, and `finish` names every key no converter took, so
 a checkpoint of another architecture (or a truncated one) is refused by name instead of loading
-half its weights.
+half its weights. `fill_nnx` fills an (abstract) NNX module from a `StateDict` whose keys follow the
+module's attribute paths (`torch_key`), moving Linear and Conv weights to Flax's layouts.
 """
 
 from __future__ import annotations
