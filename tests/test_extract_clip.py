@@ -12,7 +12,8 @@ answering the stored ids):
     as CLIP's preprocessing (torchvision CenterCrop + Normalize); EAO's per-token text outputs
     (20 positions, start token dropped) and mask; CLIP's end-of-text features.
   clip_tiny_jit.pt / clip_tiny.pth: one tiny CLIP saved by `torch.jit.trace` + `torch.jit.save` (all
-    fp16, as OpenAI's TorchScript release) and as a plain state dict.
+    fp16, as OpenAI's TorchScript release; its code/ folder, the traced program, then removed: the
+    reader never opens it) and as a plain state dict.
   clip_bpe_small.txt.gz / clip_tokens.json: the first 2000 merges of CLIP's BPE vocabulary and the
     reference tokenizer's ids (`clip.tokenize(..., truncate=True)`) for awkward strings (HTML
     entities, mojibake, contractions, CJK, emoji, special tokens, a text past the 77-token context).
