@@ -18,6 +18,10 @@ and the archive entries it inflates take at most `EXPANSION` times its size in m
 64 MiB): each entry's declared size is checked against that, and a storage's against the size the
 pickle declares for it, before it is read; a legacy storage's declared length against the bytes
 left in the file.
+
+A TorchScript archive (`torch.jit.save`) is the same zip plus the module's code: its `data.pkl` names
+the module classes (`__torch__.<...>`). With `torchscript=True` each such object is read as a
+`ScriptModuleState`, a dict of its tensors and submodules; the archive's code is never read.
 """
 
 from __future__ import annotations
@@ -63,6 +67,25 @@ _WHAT = ("only tensors, storages and plain containers (dict, list, tuple, number
 
 def _itemsize(dtype: Any) -> int:
     return 2 if dtype == _BFLOAT16 else np.dtype(dtype).itemsize
+
+
+class ScriptModuleState(dict):
+    """A TorchScript module object (`__torch__.*` class) as `{attribute: array | ScriptModuleState}`:
+    its tensors and submodules; other attributes (flags, numbers) are dropped and no code is run."""
+
+
+def _set_script_state(obj: ScriptModuleState, state: Any) -> None:
+    if isinstance(state, dict):
+        obj.update((k, v) for k, v in state.items() if isinstance(v, np.ndarray | ScriptModuleState))
+
+
+class _ScriptGlobals(dict):
+    """Checkpoint globals plus every `__torch__.*` name (a TorchScript module class) as ScriptModuleState."""
+
+    def __missing__(self, key: tuple[str, str]) -> type:
+        if key[0].startswith("__torch__."):
+            return ScriptModuleState
+        raise KeyError(key)
 
 
 class _StorageType:
@@ -187,8 +210,13 @@ def _checkpoint_globals(budget: _Budget) -> dict[tuple[str, str], Any]:
     return {**safe_pickle.PLAIN_GLOBALS, **_TORCH_TYPES, **_rebuilds(make)}
 
 
-def _unpickle(f: IO[bytes], source: str, allowed: dict, load_storage: Callable[[tuple], _Storage] | None) -> Any:
-    return safe_pickle.Unpickler(f, source, allowed, _WHAT, persistent_load=load_storage).load()
+def _unpickle(f: IO[bytes], source: str, allowed: dict, load_storage: Callable[[tuple], _Storage] | None, *,
+              torchscript: bool = False) -> Any:
+    set_state = safe_pickle.SET_STATE
+    if torchscript:
+        allowed = _ScriptGlobals(allowed)
+        set_state = {**set_state, ScriptModuleState: _set_script_state}
+    return safe_pickle.Unpickler(f, source, allowed, _WHAT, set_state=set_state, persistent_load=load_storage).load()
 
 
 def _check_storage_type(t: Any, source: str) -> _StorageType:
@@ -203,7 +231,7 @@ def _read_entry(zf: zipfile.ZipFile, name: str, budget: _Budget) -> bytes:
     return zf.read(info)
 
 
-def _load_zip(zf: zipfile.ZipFile, source: str, budget: _Budget) -> Any:
+def _load_zip(zf: zipfile.ZipFile, source: str, budget: _Budget, torchscript: bool = False) -> Any:
     names = zf.namelist()
     pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     if len(pkl) != 1:
@@ -230,7 +258,7 @@ def _load_zip(zf: zipfile.ZipFile, source: str, budget: _Budget) -> Any:
         return cache[key]
 
     data = _read_entry(zf, pkl[0], budget)
-    return _unpickle(io.BytesIO(data), source, _checkpoint_globals(budget), load_storage)
+    return _unpickle(io.BytesIO(data), source, _checkpoint_globals(budget), load_storage, torchscript=torchscript)
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -321,8 +349,9 @@ def _resolve(obj: Any, budget: _Budget, seen: set[int] | None = None) -> Any:
     return obj
 
 
-def load(path_or_file: str | os.PathLike | IO[bytes]) -> Any:
+def load(path_or_file: str | os.PathLike | IO[bytes], *, torchscript: bool = False) -> Any:
     """The object `torch.save` wrote, with tensors as numpy arrays; see the module docstring.
+    `torchscript=True` also reads a `torch.jit.save` archive's module objects (`ScriptModuleState`).
 
     Raises FileNotFoundError, UnsafePickleError (the file names anything but tensors and plain
     containers) or TorchFormatError (not a torch.save file, or tensors / entries outside its bounds).
@@ -330,16 +359,16 @@ def load(path_or_file: str | os.PathLike | IO[bytes]) -> Any:
     if isinstance(path_or_file, str | os.PathLike):
         source = os.fspath(path_or_file)
         with open(source, "rb") as f:
-            return _load_file(f, source)
-    return _load_file(path_or_file, getattr(path_or_file, "name", "<stream>"))
+            return _load_file(f, source, torchscript)
+    return _load_file(path_or_file, getattr(path_or_file, "name", "<stream>"), torchscript)
 
 
-def _load_file(f: IO[bytes], source: str) -> Any:
+def _load_file(f: IO[bytes], source: str, torchscript: bool = False) -> Any:
     data = f.read()
     budget = _Budget(len(data), source)
     if zipfile.is_zipfile(io.BytesIO(data)):
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            return _load_zip(zf, source, budget)
+            return _load_zip(zf, source, budget, torchscript)
     return _load_legacy(io.BytesIO(data), source, budget)
 
 
