@@ -69,9 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     names = [n for n in args.variant.split("+") if n]
     for name in names:
         if name not in VARIANTS:
-            raise ValueError(f"configs/howto100m.py: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+            raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     if args.backbone not in BACKBONES:
-        raise ValueError(f"configs/howto100m.py: unknown backbone {args.backbone!r}; known: {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown backbone {args.backbone!r}; known: {', '.join(BACKBONES)}")
 
     c = reference_config()
     # The original trains with mixed precision (torch.cuda.amp); here bf16 compute with fp32 parameters

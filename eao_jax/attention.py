@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from eao_jax import defaults
 from eao_jax.evaluation.report import save_png
@@ -263,4 +263,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("tfds_config", None, "Builder config of the dataset (default: the prepared default).")
     from eao_jax import console  # noqa: PLC0415
 
-    app.run(console.report_errors("attention")(main))
+    console.run("attention", main)

@@ -77,8 +77,8 @@ from typing import Any  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from eao_jax import console  # noqa: E402
 from eao_jax import flops as flops_lib  # noqa: E402
 from eao_jax.batch_contract import batch_shapes  # noqa: E402
 from eao_jax.lazy import lazy_import  # noqa: E402
@@ -416,8 +416,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
 # ------------------------------------------------------------------------------------------------
 # CLI
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (ml_collections), e.g. configs/bench_cpu.py.",
-                                          lock_config=True)
+_CONFIG = console.define_config_file("config", "Config file (ml_collections), e.g. configs/bench_cpu.py.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after warm-up); the reported step time is their median.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Number of devices for the mesh (host devices are created "
@@ -455,4 +454,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run("bench", main)

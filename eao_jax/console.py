@@ -1,4 +1,4 @@
-"""Console hygiene shared by the command lines (main, evaluate, convert, embed, attention).
+"""Console hygiene shared by the command lines (main, evaluate, convert, embed, attention, prepare, bench).
 
 Library INFO logs (Orbax prints a dozen lines per checkpoint read or write, TFDS more) drown the
 progress bar and the result tables, so a command logs WARNING and above unless `--verbosity` is
@@ -8,20 +8,27 @@ several times per failed save; those errors always reach our code as an exceptio
 from the log too (`--verbosity=0` shows them again), and so is its warning that a checkpoint is
 opened read-only.
 
-Errors: every command reports a failure as one line naming the thing that is wrong and exits with
-status 1 (`report_errors`); the traceback is shown only with `--verbosity=1` or EAO_TRACEBACK=1.
+Errors (`run`): every command reports a failure as one line naming the thing that is wrong and exits with
+status 1: a flag error, an error loading a `--config` file (`define_config_file`) or any error of the
+command itself; the traceback is shown only with `--verbosity=1` or EAO_TRACEBACK=1. `--help` exits with
+status 0, Ctrl-C with one line saying what the interruption left and status 130.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging as py_logging
 import os
+import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 
 class _DropOrbaxErrors(py_logging.Filter):
@@ -69,20 +76,131 @@ def error_line(e: BaseException) -> str:
     return first
 
 
-def report_errors(prog: str) -> Callable[[Callable[[list[str]], None]], Callable[[list[str]], None]]:
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C ended
+_FLAGS_HINT = "(--helpshort lists the flags)"
+
+
+def _fail(line: str, status: int = 1) -> NoReturn:
+    if want_traceback():
+        traceback.print_exc()
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+Main = Callable[[list[str]], None]
+
+
+def report_errors(prog: str, interrupted: str = "") -> Callable[[Main], Main]:
     """Decorates an absl `main`: any error ends the command with one line `prog: <message>` on stderr and
-    exit status 1 (the traceback too when `want_traceback()`). Usage errors and exits pass through."""
-    def wrap(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    exit status 1 (the traceback too when `want_traceback()`); Ctrl-C with `prog: interrupted; <interrupted>`
+    and status 130. Exits pass through."""
+    def wrap(main: Main) -> Main:
         @functools.wraps(main)
         def run(argv: list[str]) -> None:
             try:
                 main(argv)
-            except (SystemExit, KeyboardInterrupt, app.UsageError):
+            except SystemExit:
                 raise
+            except KeyboardInterrupt:
+                # Exiting (library threads and atexit hooks may take a moment): another Ctrl-C ends the process
+                # at once, without a traceback from whatever cleanup it interrupts.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _fail(f"{prog}: interrupted" + (f"; {interrupted}" if interrupted else ""), INTERRUPTED_STATUS)
+            except app.UsageError as e:
+                _fail(f"{prog}: {e} {_FLAGS_HINT}")
             except Exception as e:
-                if want_traceback():
-                    traceback.print_exc()
-                print(f"{prog}: {error_line(e)}", file=sys.stderr, flush=True)
-                sys.exit(1)
+                _fail(f"{prog}: {error_line(e)}")
         return run
     return wrap
+
+
+# absl's help flags (--help, -?, --helpshort, --helpfull, --helpxml) print the help and exit with status 1.
+_HELP_FLAG = re.compile(r"--?(help|helpshort|helpfull|helpxml|\?)(=.*)?")
+
+
+def parse_flags(prog: str) -> Callable[[list[str]], list[str]]:
+    """An `app.run` flags parser: absl's, with every flag error as one line `prog: <error>` (exit status 1),
+    an override of an unknown field of a `--config` file as `Config error: <field> ...` naming the closest
+    real one, and --help exiting with status 0."""
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except SystemExit as e:
+            words = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+            if e.code == 1 and any(_HELP_FLAG.fullmatch(a) for a in words):
+                sys.exit(0)  # the help was asked for and printed: a success
+            raise
+        except flags.Error as e:  # a config file's error (the context of absl's) says all there is to say
+            hint = "" if isinstance(e.__context__, ConfigFileError) else f" {_FLAGS_HINT}"
+            _fail(f"{prog}: {error_line(e)}{hint}")
+        except (AttributeError, KeyError) as e:  # ml_collections: `--config.x=y` names a field that does not exist
+            _fail(f"Config error: {_unknown_override(argv, e)}")
+    return parse
+
+
+def _unknown_override(argv: list[str], e: Exception) -> str:
+    from eao_jax.config_utils import unknown_field_message  # noqa: PLC0415 (imports the model: only on error)
+
+    prefixes = tuple(f"--{name}." for name in _CONFIG_FLAGS)
+    names = [a.split("=")[0].split(".", 1)[1] for a in argv if a.startswith(prefixes)]
+    msg = next((m for n in names if (m := unknown_field_message(n))), None)
+    if msg is None:  # every name is a real field: the config file must leave one out
+        msg = (f"{', '.join(names)}: a field the config file does not define cannot be set with --config.x=y "
+               f"({str(e).strip(chr(39) + chr(34))})")
+    return msg
+
+
+def run(prog: str, main: Main, *, interrupted: str = "") -> None:
+    """`app.run(main)` with this module's error handling (`parse_flags`, `report_errors`)."""
+    app.run(report_errors(prog, interrupted)(main), flags_parser=parse_flags(prog))
+
+
+# ------------------------------------------------------------------------------------------ --config files
+
+_CONFIG_FLAGS: set[str] = set()
+
+
+class ConfigFileError(ValueError):
+    """A `--config` file that is missing or whose `get_config` fails (absl reports it as a flag error)."""
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+    """Parses `--config=FILE.py[:ARG]` into `get_config(ARG)` of FILE.py (locked), as ml_collections does,
+    but fails while the flags are parsed, with one line: ml_collections defers the error of a missing file
+    to the config's first use, where it names no path, and quotes the traceback of an error in
+    `get_config` as the flag error's message."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def parse(self, path: str) -> Any:
+        file, colon, arg = path.partition(":")
+        if not os.path.isfile(file):
+            raise ConfigFileError(f"no config file at {file}")
+        try:
+            spec = importlib.util.spec_from_file_location(f"{self.name}_config", file)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise ConfigFileError(f"{file}: {error_line(e)}") from e
+        if not callable(getattr(module, "get_config", None)):
+            raise ConfigFileError(f"{file} defines no get_config()")
+        try:
+            config = module.get_config(*([arg] if colon else []))
+        except Exception as e:
+            raise ConfigFileError(error_line(e)) from e
+        if callable(getattr(config, "lock", None)):
+            config.lock()
+        return config
+
+    def flag_type(self) -> str:
+        return "config object"
+
+
+def define_config_file(name: str, help_string: str) -> flags.FlagHolder:
+    """ml_collections' `DEFINE_config_file` (locked config, `--name.x=y` overrides) whose errors are one line
+    naming the file and, for an error in `get_config(ARG)`, the message of that error (see `run`)."""
+    holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
+    flags.FLAGS[name].parser = _ConfigFileParser(name)
+    _CONFIG_FLAGS.add(name)
+    return holder

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 
 from eao_jax.defaults import loss_config, model_config
@@ -400,4 +400,4 @@ if __name__ == "__main__":
     flags.DEFINE_boolean("overwrite", False, "Replace an earlier convert output at --output.")
     from eao_jax import console  # noqa: PLC0415
 
-    app.run(console.report_errors("convert")(main))
+    console.run("convert", main)

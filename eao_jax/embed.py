@@ -24,11 +24,14 @@ checkpoint whose weights hold any (`checkpoint.load_model`): nothing is written 
 
 from __future__ import annotations
 
+import os
+import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from eao_jax.evaluators.embedder import Embedder, embed_rows, empty_inputs
 from eao_jax.lazy import lazy_import
@@ -126,6 +129,33 @@ def embed_checkpoint(checkpoint_dir: str, inputs: Mapping[str, np.ndarray], *, s
     return embed(model, inputs, batch_size=batch_size)
 
 
+def read_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an input .npz, an `input/` prefix dropped from their names. Anything else (a missing
+    file, another format, a damaged archive, an array of Python objects: never unpickled) raises
+    ValueError('cannot read --input PATH: <why>')."""
+    from eao_jax.console import error_line  # noqa: PLC0415
+
+    where = f"cannot read --input {os.fspath(path)}"
+    try:
+        data = np.load(path)  # allow_pickle=False
+    except OSError as e:
+        raise ValueError(f"{where}: {e.strerror or error_line(e)}") from e
+    except (ValueError, EOFError) as e:  # numpy found neither a zip nor an .npy header
+        raise ValueError(f"{where}: not an .npz archive") from e
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{where}: a damaged .npz archive ({e})") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{where}: a single .npy array, not an .npz archive of named arrays")
+    inputs = {}
+    with data:
+        for key in data.files:
+            try:
+                inputs[key.split("/", 1)[1] if key.startswith("input/") else key] = data[key]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise ValueError(f"{where}: array {key!r}: {error_line(e)}") from e
+    return inputs
+
+
 FLAGS = flags.FLAGS
 
 
@@ -134,8 +164,7 @@ def main(argv: list[str]) -> None:
     from eao_jax import console  # noqa: PLC0415
 
     console.quiet_libraries()
-    with np.load(FLAGS.input) as f:
-        inputs = {k.split("/", 1)[1] if k.startswith("input/") else k: f[k] for k in f.files}
+    inputs = read_inputs(FLAGS.input)
     out = embed_checkpoint(FLAGS.checkpoint, inputs, step=FLAGS.step, batch_size=FLAGS.batch_size)
     np.savez(FLAGS.output, **out)
     print(f"wrote {len(out)} arrays for {len(next(iter(out.values())))} items to {FLAGS.output}: "
@@ -151,4 +180,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 256, "Items per forward pass.")
     from eao_jax import console  # noqa: PLC0415
 
-    app.run(console.report_errors("embed")(main))
+    console.run("embed", main)

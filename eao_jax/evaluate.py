@@ -104,4 +104,4 @@ if __name__ == "__main__":
     define_flags()
     from eao_jax import console  # noqa: PLC0415
 
-    app.run(console.report_errors("evaluate")(main))
+    console.run("evaluate", main)

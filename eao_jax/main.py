@@ -14,7 +14,8 @@ init -> sharded init or restore (newest complete checkpoint in WORKDIR/checkpoin
 
 WORKDIR receives checkpoints/ (Orbax: model, opt, config, data per step), metrics.jsonl,
 tensorboard/, config.json and results/<task>.json. Rerunning the same command resumes.
-SIGTERM (or a first Ctrl-C) saves a checkpoint at the current step and exits with status 0.
+SIGTERM (or a first Ctrl-C) saves a checkpoint at the current step and exits with status 0; a Ctrl-C
+outside the training loop, or a second one, stops at once (exit status 130).
 Exit status 1 with a one-line message for config errors, non-finite losses and any other error (the
 traceback with --verbosity=1 or EAO_TRACEBACK=1; eao_jax.console).
 
@@ -38,13 +39,11 @@ import logging as py_logging
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from eao_jax import console, distributed
 from eao_jax.workdir_lock import WorkdirLockedError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).",
-                                          lock_config=True)
+_CONFIG = console.define_config_file("config", "Training config file (ml_collections).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results. Resumes if it holds "
                                "checkpoints.")
 _PROGRESS = flags.DEFINE_boolean("progress_bar", True, "Console progress bar (else a log line per log_every).")
@@ -91,25 +90,6 @@ def _fail(line: str) -> None:
     sys.exit(1)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with an override of an unknown config field reported as one clear line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
-              file=sys.stderr)
-        sys.exit(1)
-    except (AttributeError, KeyError) as e:  # ml_collections: `--config.x=y` names a field that does not exist
-        from eao_jax.config_utils import unknown_field_message  # noqa: PLC0415
-
-        names = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
-        msg = next((m for n in names if (m := unknown_field_message(n))), None)
-        if msg is None:  # every name is a real field: the config file must leave one out
-            msg = (f"{', '.join(names)}: a field the config file does not define cannot be set with --config.x=y "
-                   f"({str(e).strip(chr(39) + chr(34))})")
-        print(f"Config error: {msg}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    app.run(console.report_errors("main")(main), flags_parser=_parse_flags)
+    console.run("main", main, interrupted="rerun the same command to resume from the newest complete checkpoint in "
+                "its workdir (or to start over without one)")

@@ -26,7 +26,8 @@ temporary directories a killed prepare left are removed by the next one, however
 (this command, or the automatic synthetic prepare of training and evaluation). Preparing again is idempotent: an
 existing dataset is kept; only a missing word-vector table is added when --word2vec is given.
 
-Errors end the command with one line `prepare: <message>` and exit status 1 (eao_jax.console).
+Errors end the command with one line `prepare: <message>` and exit status 1, Ctrl-C with one line and
+status 130 (eao_jax.console).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import json
 import os
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 PATH_FLAGS = ("csv", "caption_path", "features_path", "features_path_3d", "features_path_audio", "annot_path",
               "steps_path", "resnet_dir", "s3d_dir", "clip_dir")
@@ -200,4 +201,5 @@ if __name__ == "__main__":
     _define_flags()
     from eao_jax import console
 
-    app.run(console.report_errors("prepare")(main))
+    console.run("prepare", main, interrupted="a dataset is kept only once complete (its partial files are "
+                "removed): rerun the same command to prepare it")

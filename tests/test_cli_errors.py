@@ -4,8 +4,11 @@ weights or embeddings are ever written (convert refuses NaN tensors, embed a NaN
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -168,3 +171,127 @@ def test_prepare_names_the_file_and_the_code_it_refuses(tmp_path):
         "tensors and plain containers (dict, list, tuple, numbers, strings) are read from a dataset pickle, so that "
         "loading it cannot run code"), line
     assert not (tmp_path / "PWNED").exists()
+# ----------------------------------------------------------------------- flags and --config files (every CLI)
+
+
+@pytest.mark.parametrize("module, extra", [("main", ("--workdir=w",)), ("bench", ())])
+def test_config_file_argument_error_names_the_argument_and_the_choices(tmp_path, module, extra):
+    demo = REPO / "configs" / "demo.py"
+    line = one_line_error(run(module, f"--config={demo}:tinyy", *extra, cwd=tmp_path))
+    assert line == (f"{module}: flag --config={demo}:tinyy: config argument 'tinyy': unknown key 'tinyy'; "
+                    "known: tiny=False, evaluate=False")
+    howto = REPO / "configs" / "howto100m.py"
+    line = one_line_error(run(module, f"--config={howto}:variant=cls_tokn", *extra, cwd=tmp_path))
+    assert line.startswith(f"{module}: flag --config={howto}:variant=cls_tokn: unknown variant 'cls_tokn'; "
+                           "known: tv_only, no_transformer, "), line
+    assert ", cls_token, " in line
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("module, extra", [("main", ("--workdir=w",)), ("bench", ())])
+def test_missing_config_file_is_named(tmp_path, module, extra):
+    line = one_line_error(run(module, "--config=configs/nope.py:tiny", "--config.seed=3", *extra, cwd=tmp_path))
+    assert line == f"{module}: flag --config=configs/nope.py:tiny: no config file at configs/nope.py"
+    (tmp_path / "empty.py").write_text("SEED = 1\n")
+    line = one_line_error(run(module, "--config=empty.py", *extra, cwd=tmp_path))
+    assert line == f"{module}: flag --config=empty.py: empty.py defines no get_config()"
+
+
+def test_bench_unknown_override_names_the_field(tmp_path):
+    line = one_line_error(run("bench", f"--config={REPO / 'configs' / 'bench_cpu.py'}", "--config.train.num_step=3",
+                              cwd=tmp_path))
+    assert line == "Config error: train.num_step: unknown config field; did you mean train.num_steps?"
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("main", ("--nope=1",), "main: Unknown command line flag 'nope'"),
+    ("convert", (), "convert: flag --torch_checkpoint=None: Flag --torch_checkpoint must have a value other than "
+                    "None."),
+    ("prepare", ("--dataset=synthetic",), "prepare: flag --data_dir=None: Flag --data_dir must have a value other "
+                                          "than None."),
+])
+def test_flag_errors_are_one_line(tmp_path, module, args, message):
+    line = one_line_error(run(module, *args, cwd=tmp_path))
+    assert line == f"{message} (--helpshort lists the flags)"
+
+
+# ------------------------------------------------------------------------------------------- embed --input
+
+
+def test_embed_input_that_is_not_an_npz_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("video 1 2 3\n")
+    np.savez(tmp_path / "objects.npz", video=np.array([{"a": 1}, None], dtype=object), video_mask=np.ones((2, 1)))
+    np.save(tmp_path / "one.npy", np.zeros((2, 3, 4), np.float32))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "objects.npz").read_bytes()[:100])
+    expected = {
+        "notes.txt": "embed: cannot read --input notes.txt: not an .npz archive",
+        "objects.npz": "embed: cannot read --input objects.npz: array 'video': Object arrays cannot be loaded "
+                       "when allow_pickle=False",
+        "one.npy": "embed: cannot read --input one.npy: a single .npy array, not an .npz archive of named arrays",
+        "cut.npz": "embed: cannot read --input cut.npz: a damaged .npz archive (File is not a zip file)",
+        "missing.npz": "embed: cannot read --input missing.npz: No such file or directory",
+    }
+    for name, message in expected.items():
+        line = one_line_error(run("embed", "--checkpoint=ckpt", f"--input={name}", "--output=out.npz", cwd=tmp_path))
+        assert line == message
+    assert not (tmp_path / "out.npz").exists()
+
+
+# ------------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def interrupt(args: list[str], cwd: pathlib.Path, started: pathlib.Path, pattern: str) -> tuple[int, str]:
+    """Starts `python -m <args>`, waits until `started` holds a `pattern` entry, then sends SIGINT (as Ctrl-C
+    does) and waits for the command to end. Returns its exit status and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not list(started.glob(pattern)):
+            assert proc.poll() is None, "".join(err)[-3000:]
+            assert time.monotonic() < deadline, "the command never started its work"
+            time.sleep(0.02)
+        # Again while nothing says "interrupted": CPython drops a KeyboardInterrupt raised while a gc callback
+        # runs (JAX registers one), and a command that did stop must not get a second one.
+        while proc.poll() is None and f"{args[0].split('.')[-1]}: interrupted" not in "".join(err):
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        return proc.returncode, "".join(err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def interrupted_line(rc: int, stderr: str) -> str:
+    """The last stderr line (progress bars end their lines with \\r), asserting exit status 130 and no traceback."""
+    assert rc == 130, (rc, stderr[-3000:])
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    return stderr.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_prepare_interrupted(tmp_path):
+    where = tmp_path / "d" / "synthetic" / "default"
+    rc, err = interrupt(["eao_jax.prepare", "--dataset=synthetic", "--config=default", "--data_dir=d"], tmp_path,
+                        where, "incomplete.*")
+    assert interrupted_line(rc, err) == ("prepare: interrupted; a dataset is kept only once complete (its partial "
+                                         "files are removed): rerun the same command to prepare it")
+    assert sorted(p.name for p in where.iterdir()) == [".prepare.lock"]  # no dataset, no temporary directory
+
+
+def test_main_interrupted_before_training(tmp_path):
+    # Interrupted while it prepares the synthetic data; 1000 videos per batch would fail right after that.
+    where = tmp_path / "w" / "data" / "synthetic" / "default"
+    rc, err = interrupt(["eao_jax.main", f"--config={REPO / 'configs' / 'demo.py'}:tiny", "--workdir=w",
+                         "--config.data.tfds_config=default", "--config.data.videos_per_batch=1000"], tmp_path,
+                        where, "incomplete.*")
+    assert interrupted_line(rc, err) == ("main: interrupted; rerun the same command to resume from the newest "
+                                         "complete checkpoint in its workdir (or to start over without one)")
+    assert not list((tmp_path / "w").glob("checkpoints/[0-9]*"))

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 
@@ -305,4 +305,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batches", 4, "timed batches")
     flags.DEFINE_integer("repeats", 3, "one-reader measurements per layout (the median is reported)")
     flags.DEFINE_integer("read_threads", 1, "grain ReadOptions.num_threads (per worker)")
-    app.run(main)
+    from eao_jax import console
+
+    console.run("data.benchmark", main)
