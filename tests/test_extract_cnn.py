@@ -7,7 +7,8 @@ model.py's GlobalAvgPool, extract.py's F.normalize) and torchvision's models/res
 pytorch/vision @ f50e776b051ddf007b90d7bc8f70b0708c12d008, run with torch 2.13.0 (CPU). The models
 are reduced instances of the reference classes (fewer blocks; narrower stages built with the
 classes' own `_make_layer`; ResNeXt cardinality 8) with seeded random weights and random BatchNorm
-affine parameters and running statistics, saved with torch.save; `reference_outputs.json` records
+affine parameters and running statistics, saved with torch.save (resnet2d_small.pth in its legacy,
+non-zip format, as torchvision's 2017 checkpoint; resnext3d_small.pth as zip); `reference_outputs.json` records
 the decoding (commands, ffmpeg version, its scale filter's interpolation) and which frames are kept.
 The tests need no torch.
 """
