@@ -17,8 +17,10 @@ the dense matmul peak (`eao_jax.flops.matmul_peak`, probed between the timed cal
 stderr gets one line per backbone; the last stdout line is a JSON object: device_kind,
 device_count, dtype, matmul_peak_flops_per_s, backbones {name: {unit, batch, item_shape,
 flops_per_unit, time_per_batch_s (median), times_s, units_per_s, achieved_flops_per_s,
-peak_fraction, compile_time_s, units_per_video_second, flops_per_video_second,
-video_seconds_per_s}}, recipe_flops_per_video_second {recipe: FLOPs, "total": sum}.
+peak_fraction, flops_per_cpu_s and peak_fraction_cpu_time (the same per second of process CPU time,
+steadier on a shared machine), compile_time_s, units_per_video_second, flops_per_video_second,
+video_seconds_per_s}}, matmul_peak_flops_per_cpu_s, recipe_flops_per_video_second {recipe: FLOPs,
+"total": sum}.
 """
 
 from __future__ import annotations
@@ -115,20 +117,22 @@ def time_backbone(name: str, *, batch: int | None = None, repeats: int = 3, dtyp
     flops_per_unit = flops_lib.xla_flops(compiled) * len(run.mesh.devices.flat) / n
     x = np.random.default_rng(0).standard_normal((n, *item), dtype=np.float32)
     run(x)
-    times, probes = [], []
+    times, cpu_times, probes = [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run(x)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         if probe is not None:
-            probes.append(flops_lib.probe_matmul(*probe, matmul_repeats)[0])
+            probes.append(flops_lib.probe_matmul(*probe, matmul_repeats))
     t = statistics.median(times)
     return {"unit": b.unit, "recipe": b.recipe, "batch": n, "item_shape": list(item), "tiny": tiny,
             "flops_per_unit": flops_per_unit, "time_per_batch_s": t, "times_s": [round(s, 4) for s in times],
             "units_per_s": n / t, "achieved_flops_per_s": flops_per_unit * n / t, "compile_time_s": compile_s,
             "units_per_video_second": b.units_per_video_second,
             "flops_per_video_second": flops_per_unit * b.units_per_video_second,
-            "video_seconds_per_s": n / t / b.units_per_video_second, "matmul_probes": probes}
+            "video_seconds_per_s": n / t / b.units_per_video_second,
+            "flops_per_cpu_s": flops_per_unit * n / statistics.median(cpu_times), "matmul_probes": probes}
 
 
 def run_benchmark(names: list[str], *, batch: int | None = None, repeats: int = 3, dtype: str = "float32",
@@ -138,7 +142,7 @@ def run_benchmark(names: list[str], *, batch: int | None = None, repeats: int = 
     if unknown:
         raise ValueError(f"unknown backbone(s) {', '.join(unknown)}; known: {', '.join(BACKBONES)}")
     devices = jax.local_devices()
-    (first, _), probe = flops_lib.matmul_peak(matmul_size, jnp.dtype(dtype), matmul_repeats, devices[0])
+    first, probe = flops_lib.matmul_peak(matmul_size, jnp.dtype(dtype), matmul_repeats, devices[0])
     probes, results = [first], {}
     for name in names:
         res = time_backbone(name, batch=batch, repeats=repeats, dtype=dtype, tiny=tiny, probe=probe,
@@ -146,15 +150,20 @@ def run_benchmark(names: list[str], *, batch: int | None = None, repeats: int = 
         probes += res.pop("matmul_probes")
         results[name] = res
     # One probe runs on one device; accelerators add up, host (CPU) devices share the same cores.
-    peak = statistics.median(probes) * (1 if devices[0].platform == "cpu" else len(devices))
+    n_chips = 1 if devices[0].platform == "cpu" else len(devices)
+    peak = statistics.median(p for p, _ in probes) * n_chips
+    # Per second of process CPU time: steadier than wall time on a machine shared with other jobs.
+    peak_cpu = statistics.median(c for _, c in probes)
     recipes: dict[str, float] = {}
     for res in results.values():
         res["peak_fraction"] = res["achieved_flops_per_s"] / peak
+        res["peak_fraction_cpu_time"] = res["flops_per_cpu_s"] / peak_cpu
         recipes[res["recipe"]] = recipes.get(res["recipe"], 0.0) + res["flops_per_video_second"]
     recipes["total"] = sum(recipes.values())
     return {"device_kind": devices[0].device_kind, "device_count": len(devices), "platform": devices[0].platform,
             "dtype": dtype, "tiny": tiny, "matmul_size": matmul_size, "matmul_peak_flops_per_s": peak,
-            "matmul_probes": len(probes), "backbones": results, "recipe_flops_per_video_second": recipes}
+            "matmul_peak_flops_per_cpu_s": peak_cpu, "matmul_probes": len(probes), "backbones": results,
+            "recipe_flops_per_video_second": recipes}
 
 
 def main(argv: list[str]) -> None:
@@ -170,7 +179,8 @@ def main(argv: list[str]) -> None:
         print(f"{name}: {r['units_per_s']:.2f} {r['unit']}s/s ({r['batch']} x {tuple(r['item_shape'])} in "
               f"{r['time_per_batch_s']:.3f} s), {r['flops_per_unit'] / 1e9:.2f} GFLOP/{r['unit']}, "
               f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['peak_fraction']:.1f}% of the "
-              f"{res['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak; "
+              f"{res['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak "
+              f"({100 * r['peak_fraction_cpu_time']:.1f}% per CPU second); "
               f"{r['flops_per_video_second'] / 1e9:.1f} GFLOP per second of video", file=sys.stderr)
     per_s = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in res["recipe_flops_per_video_second"].items())
     print(f"GFLOP per second of video: {per_s}", file=sys.stderr)
