@@ -229,6 +229,13 @@ def test_misshaped_entry_named(state3d, key, shape, expected):
     assert f"{key} has shape {shape}, expected {expected}" in _error(resnext.from_state_dict, state)
 
 
+def test_non_finite_entry_named(state2d):
+    state = dict(state2d)
+    state["layer3.0.bn2.running_var"] = state["layer3.0.bn2.running_var"].copy()
+    state["layer3.0.bn2.running_var"][5] = np.nan
+    assert "layer3.0.bn2.running_var holds NaN or Inf values" in _error(resnet.from_state_dict, state)
+
+
 def test_wrong_kind_of_network_named(state2d, state3d):
     """A 2D state dict given as the 3D one (and back) is refused at conv1.weight's shape."""
     assert "conv1.weight has shape (64, 3, 7, 7), expected 5 dimensions" in _error(resnext.from_state_dict, state2d)
