@@ -58,6 +58,12 @@ class Runner:
 
         self._run = jax.jit(run, in_shardings=(replicated, self._batch_sharding), out_shardings=self._batch_sharding)
 
+    def lower(self, item_shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        """The jitted call lowered for one full batch of `item_shape` rows (for XLA's cost and
+        memory analysis: `.compile().cost_analysis()`)."""
+        x = jax.ShapeDtypeStruct((self.batch_size, *item_shape), dtype, sharding=self._batch_sharding)
+        return self._run.lower(self._state, x)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.shape[0] == 0:
