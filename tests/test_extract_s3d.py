@@ -149,7 +149,7 @@ def test_word_dict_refuses_code(tmp_path):
     pickle.dump(Boom(), buf, protocol=3)
     path = tmp_path / "evil.npy"
     path.write_bytes(buf.getvalue())
-    with pytest.raises(ValueError, match=r"evil.npy: refusing to load builtins.print"):
+    with pytest.raises(ValueError, match=r"evil.npy: refusing to load builtins.print: a word dictionary"):
         s3d.load_word_dict(path)
     np.save(tmp_path / "cut.npy", np.array(["a", "b", "c"]))
     (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:-4])

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eao_jax import safe_pickle
 from eao_jax.extract import weights
 from eao_jax.extract.runner import Runner
 from eao_jax.model.layers import BatchNorm
@@ -281,44 +281,10 @@ def load(path: str | os.PathLike) -> S3D:
     return from_state_dict(weights.load_state_dict(path), os.fspath(path))
 
 
-class _NpyObjectUnpickler(pickle.Unpickler):
-    """An object array's pickle as `np.save` writes it: only numpy's array, dtype and string-scalar
-    reconstruction are admitted, so its entries can only be plain values (str, numpy str, numbers)."""
-
-    def find_class(self, module: str, name: str):
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-            return _empty_array if name == "_reconstruct" else _string_scalar
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return _word_dtype
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a word dictionary holds only an array "
-                                     "of strings")
-
-
-def _empty_array(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
-    if cls is not np.ndarray or tuple(shape) != (0,):
-        raise pickle.UnpicklingError("only numpy's own array pickling is read")
-    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)  # filled (and resized) by its __setstate__
-
-
-def _word_dtype(spec: Any, *args: Any) -> np.dtype:
-    if not isinstance(spec, str) or not re.fullmatch(r"O8|[US]\d+", spec):
-        raise pickle.UnpicklingError(f"dtype {spec!r} in a word array")
-    return np.dtype(spec, False, True)  # a copy, as numpy's own unpickling makes (its state is set next)
-
-
-def _string_scalar(dtype: Any, data: Any) -> Any:
-    """numpy's str / bytes scalars (an array's entries when it was built from numpy strings)."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "US" or not isinstance(data, bytes):
-        raise pickle.UnpicklingError("a numpy scalar that is not a string")
-    return np.frombuffer(data, dtype, count=1)[0]
-
-
 def load_word_dict(path: str | os.PathLike) -> dict[str, int]:
     """`s3d_dict.npy` as {word: id}: ids are 1-based (0 pads), a repeated word keeps its last id (as the
     reference's dict). A string array is read with `allow_pickle=False`; an object array's pickle only
-    through `_NpyObjectUnpickler` (never numpy's unrestricted one)."""
+    through `safe_pickle` with numpy's globals (never numpy's unrestricted unpickler)."""
     source = os.fspath(path)
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such word dictionary")
@@ -333,7 +299,10 @@ def load_word_dict(path: str | os.PathLike) -> dict[str, int]:
             raise ValueError(f"{source}: expected a 1-D array of words, got shape {shape}")
         if dtype.hasobject:
             try:
-                words = _NpyObjectUnpickler(f).load()
+                words = safe_pickle.Unpickler(f, source, safe_pickle.NUMPY_GLOBALS,
+                                              "a word dictionary holds only an array of strings").load()
+            except safe_pickle.UnsafePickleError as e:
+                raise ValueError(str(e)) from None  # (names the file already)
             except Exception as e:
                 raise ValueError(f"{source}: {e}") from None
         elif dtype.kind in "US":
