@@ -323,33 +323,41 @@ def test_small_clip_refused(model3d):
 
 
 def test_bench_command_prints_numbers():
+    """Every backbone (reduced instances) and the audio recipe: each entry's numbers, and the recipes'
+    FLOPs per second of video as units per second of video times FLOPs per unit."""
     cmd = [sys.executable, "-m", "eao_jax.extract.bench", "--tiny", "--repeats=2", "--matmul_size=128",
            "--matmul_repeats=1"]
     env = dict(os.environ, XLA_FLAGS="")  # one host device, as the command runs by default
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(res["backbones"]) == {"resnet152", "resnext101"} and res["tiny"] is True
-    for name, unit, recipe in (("resnet152", "frame", frames.RECIPE_2D), ("resnext101", "clip", frames.RECIPE_3D)):
+    assert set(res["backbones"]) == {"resnet152", "resnext101", "s3d", "clip_image"} and res["tiny"] is True
+    per_unit = {"resnet152": ("frame", "2d", 1.0), "resnext101": ("clip", "3d", 1.5), "s3d": ("clip", "s3d", 1.0),
+                "clip_image": ("frame", "clip", 1.0)}
+    for name, (unit, recipe, rate) in per_unit.items():
         r = res["backbones"][name]
-        assert r["unit"] == unit and len(r["times_s"]) == 2 and r["recipe"] == recipe.name
-        assert r["units_per_video_second"] == recipe.fps / recipe.frames_per_feature
+        assert (r["unit"], r["recipe"], r["units_per_video_second"]) == (unit, recipe, rate)
+        assert len(r["times_s"]) == 2
         for key in ("flops_per_unit", "units_per_s", "achieved_flops_per_s", "peak_fraction", "peak_fraction_cpu_time",
                     "flops_per_video_second"):
             assert r[key] > 0, (name, key)
         assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_unit"] * r["units_per_s"])
         assert r["peak_fraction"] == pytest.approx(r["achieved_flops_per_s"] / res["matmul_peak_flops_per_s"])
+        assert r["flops_per_video_second"] == pytest.approx(rate * r["flops_per_unit"])
         assert f"{name}: " in proc.stderr
-    r2, r3 = res["backbones"]["resnet152"], res["backbones"]["resnext101"]
-    assert r3["flops_per_video_second"] == pytest.approx(1.5 * r3["flops_per_unit"])
-    assert res["recipe_flops_per_video_second"] == pytest.approx(
-        {"2d": r2["flops_per_unit"], "3d": 1.5 * r3["flops_per_unit"],
-         "total": r2["flops_per_unit"] + 1.5 * r3["flops_per_unit"]})
-    assert "GFLOP per second of video" in proc.stderr
+    assert frames.RECIPE_3D.fps / frames.RECIPE_3D.frames_per_feature == per_unit["resnext101"][2]
+    audio = res["audio"]
+    assert audio["logmel_audio_seconds_per_cpu_second"] > 0 and audio["flops_per_audio_second"] > 0
+    expected = {per_unit[n][1]: r["flops_per_video_second"] for n, r in res["backbones"].items()}
+    expected["audio"] = audio["flops_per_audio_second"]
+    expected["total"] = sum(expected.values())
+    assert res["recipe_flops_per_video_second"] == pytest.approx(expected)
+    assert "GFLOP per second of video" in proc.stderr and "audio (log-mel, host CPU)" in proc.stderr
 
 
 def test_bench_unknown_backbone_one_line():
     proc = subprocess.run([sys.executable, "-m", "eao_jax.extract.bench", "--backbones=resnet152,s4d"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == "error: unknown backbone(s) s4d; known: resnet152, resnext101"
+    assert proc.stderr.strip().splitlines()[-1] == ("extract.bench: unknown backbone(s) s4d; known: resnet152, "
+                                                    "resnext101, s3d, clip_image")

@@ -19,8 +19,10 @@ device_count, dtype, matmul_peak_flops_per_s, backbones {name: {unit, batch, ite
 flops_per_unit, time_per_batch_s (median), times_s, units_per_s, achieved_flops_per_s,
 peak_fraction, flops_per_cpu_s and peak_fraction_cpu_time (the same per second of process CPU time,
 steadier on a shared machine), compile_time_s, units_per_video_second, flops_per_video_second,
-video_seconds_per_s}}, matmul_peak_flops_per_cpu_s, recipe_flops_per_video_second {recipe: FLOPs,
-"total": sum}.
+video_seconds_per_s}}, matmul_peak_flops_per_cpu_s, audio (`logmel.bench_logmel`'s result, or null
+with --noaudio), recipe_flops_per_video_second {recipe: FLOPs, "total": sum}. Recipes: 2d (ResNet-152),
+3d (ResNeXt-101), s3d (mixed_5c of 32-frame windows, one per second), clip (ViT-B/32 image features,
+one frame per second), audio (log-mel).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from eao_jax import console
 from eao_jax import flops as flops_lib
 from eao_jax.lazy import lazy_import
 
@@ -46,6 +49,9 @@ nnx = lazy_import("flax.nnx")
 frames_lib = lazy_import("eao_jax.extract.frames")
 resnet = lazy_import("eao_jax.extract.resnet")
 resnext = lazy_import("eao_jax.extract.resnext")
+s3d = lazy_import("eao_jax.extract.s3d")
+clip = lazy_import("eao_jax.extract.clip")
+logmel = lazy_import("eao_jax.extract.logmel")
 runner_lib = lazy_import("eao_jax.extract.runner")
 
 
@@ -64,6 +70,16 @@ class Backbone:
     make: Callable[[bool], tuple[Any, Callable]]
 
 
+def _random(make: Callable[[], Any]) -> Any:
+    """The module `make()` builds, with positive random weights drawn by numpy: the speed does not
+    depend on them, and NNX's own initialisers compile one small program per parameter shape (43 s of
+    a 2-core CPU for S3D's)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: make()))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda x: (0.02 * np.abs(rng.standard_normal(x.shape))).astype(x.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
 def _tiny_spec(ndim: int, stem_stride: tuple[int, ...], groups: int):
     # One narrow block per stage: compiles and runs in seconds, same code paths as the full network.
     return resnet.Spec(ndim=ndim, stem_width=8, stem_stride=stem_stride, groups=groups,
@@ -72,12 +88,35 @@ def _tiny_spec(ndim: int, stem_stride: tuple[int, ...], groups: int):
 
 def _resnet152(tiny: bool):
     spec = _tiny_spec(2, (2, 2), 1) if tiny else resnet.RESNET152
-    return resnet.ResNet(spec, rngs=nnx.Rngs(0)), frames_lib.RECIPE_2D.apply
+    return _random(lambda: resnet.ResNet(spec, rngs=nnx.Rngs(0))), frames_lib.RECIPE_2D.apply
 
 
 def _resnext101(tiny: bool):
     spec = _tiny_spec(3, resnext.STEM_STRIDE, 4) if tiny else resnext.RESNEXT101
-    return resnet.ResNet(spec, rngs=nnx.Rngs(0)), frames_lib.RECIPE_3D.apply
+    return _random(lambda: resnet.ResNet(spec, rngs=nnx.Rngs(0))), frames_lib.RECIPE_3D.apply
+
+
+def tiny_s3d_config():
+    """S3D with every width divided by 8 (the parity fixture's reduction)."""
+    base = s3d.S3DConfig()
+    return dataclasses.replace(base, stem=8, conv_2b=8, conv_2c=24, embed_dim=64,
+                               blocks=tuple(tuple(max(1, w // 8) for w in b) for b in base.blocks))
+
+
+def _s3d(tiny: bool):
+    cfg = tiny_s3d_config() if tiny else s3d.S3DConfig()
+    return _random(lambda: s3d.S3DVideo(cfg, rngs=nnx.Rngs(0))), lambda m, x: m(x)[0]  # mixed_5c, the EAO feature
+
+
+def tiny_clip_config():
+    """A 64-wide, 2-layer ViT on 64 x 64 frames in 16-pixel patches."""
+    return dataclasses.replace(clip.CLIPConfig(), embed_dim=32, image_resolution=64, patch_size=16, vision_width=64,
+                               vision_layers=2, context_length=16, vocab_size=512, text_width=64, text_layers=2)
+
+
+def _clip_image(tiny: bool):
+    cfg = tiny_clip_config() if tiny else clip.CLIPConfig()
+    return _random(lambda: clip.CLIP(cfg, rngs=nnx.Rngs(0)).visual), lambda m, x: m(x)
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -85,7 +124,11 @@ BACKBONES: dict[str, Backbone] = {
                           tiny_item_shape=(64, 64, 3), batch=4, make=_resnet152),
     "resnext101": Backbone(unit="clip", recipe="3d", units_per_video_second=24 / 16, item_shape=(16, 112, 112, 3),
                            tiny_item_shape=(4, 112, 112, 3), batch=2, make=_resnext101),
-    # The S3D, CLIP and log-mel recipes add their backbones here (recipes "s3d", "clip", "audio").
+    # S3D's windows: 32 frames at 16 fps every 16 frames, one per second (README: S3D and CLIP backbones).
+    "s3d": Backbone(unit="clip", recipe="s3d", units_per_video_second=1.0, item_shape=(32, 256, 256, 3),
+                    tiny_item_shape=(8, 64, 64, 3), batch=2, make=_s3d),
+    "clip_image": Backbone(unit="frame", recipe="clip", units_per_video_second=1.0, item_shape=(224, 224, 3),
+                           tiny_item_shape=(64, 64, 3), batch=8, make=_clip_image),
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -126,8 +169,10 @@ def time_backbone(name: str, *, batch: int | None = None, repeats: int = 3, dtyp
 
 
 def run_benchmark(names: list[str], *, batch: int | None = None, repeats: int = 3, dtype: str = "float32",
-                  tiny: bool = False, matmul_size: int = 2048, matmul_repeats: int = 3) -> dict[str, Any]:
-    """Times each backbone of `names` and returns the JSON result (module doc)."""
+                  tiny: bool = False, matmul_size: int = 2048, matmul_repeats: int = 3,
+                  audio: bool = True) -> dict[str, Any]:
+    """Times each backbone of `names` (and, with `audio`, the log-mel recipe on the host CPU) and
+    returns the JSON result (module doc)."""
     unknown = [n for n in names if n not in BACKBONES]
     if unknown:
         raise ValueError(f"unknown backbone(s) {', '.join(unknown)}; known: {', '.join(BACKBONES)}")
@@ -149,9 +194,14 @@ def run_benchmark(names: list[str], *, batch: int | None = None, repeats: int = 
         res["peak_fraction"] = res["achieved_flops_per_s"] / peak
         res["peak_fraction_cpu_time"] = res["flops_per_cpu_s"] / peak_cpu
         recipes[res["recipe"]] = recipes.get(res["recipe"], 0.0) + res["flops_per_video_second"]
+    audio_res = None
+    if audio:  # numpy on the host: seconds of audio per CPU-second, no device
+        audio_res = logmel.bench_logmel(seconds=5.0 if tiny else 60.0, repeats=repeats)
+        recipes["audio"] = audio_res["flops_per_audio_second"]
     recipes["total"] = sum(recipes.values())
     return {"device_kind": devices[0].device_kind, "device_count": len(devices), "platform": devices[0].platform,
-            "dtype": dtype, "tiny": tiny, "matmul_size": matmul_size, "matmul_peak_flops_per_s": peak,
+            "audio": audio_res, "dtype": dtype, "tiny": tiny, "matmul_size": matmul_size,
+            "matmul_peak_flops_per_s": peak,
             "matmul_peak_flops_per_cpu_s": peak_cpu, "matmul_probes": len(probes), "backbones": results,
             "recipe_flops_per_video_second": recipes}
 
@@ -170,18 +220,15 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
                                      "that the command works, not a measurement of the real backbones."),
         "matmul_size": flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul of the peak probe."),
         "matmul_repeats": flags.DEFINE_integer("matmul_repeats", 3, "Matmuls per probe (the best counts)."),
+        "audio": flags.DEFINE_boolean("audio", True, "Also time the log-mel recipe (numpy, host CPU)."),
     }
 
 
 def main(options: dict[str, flags.FlagHolder], argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        values = {name: holder.value for name, holder in options.items()}
-        res = run_benchmark(values.pop("backbones"), **values)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    values = {name: holder.value for name, holder in options.items()}
+    res = run_benchmark(values.pop("backbones"), **values)
     for name, r in res["backbones"].items():
         print(f"{name}: {r['units_per_s']:.2f} {r['unit']}s/s ({r['batch']} x {tuple(r['item_shape'])} in "
               f"{r['time_per_batch_s']:.3f} s), {r['flops_per_unit'] / 1e9:.2f} GFLOP/{r['unit']}, "
@@ -189,11 +236,16 @@ def main(options: dict[str, flags.FlagHolder], argv: list[str]) -> None:
               f"{res['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak "
               f"({100 * r['peak_fraction_cpu_time']:.1f}% per CPU second); "
               f"{r['flops_per_video_second'] / 1e9:.1f} GFLOP per second of video", file=sys.stderr)
-    per_s = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in res["recipe_flops_per_video_second"].items())
+    if res["audio"]:
+        a = res["audio"]
+        print(f"audio (log-mel, host CPU): {a['logmel_audio_seconds_per_cpu_second']:.0f} s of audio per CPU-second "
+              f"(16 kHz mono -> (40, T)); {a['mono_16k_audio_seconds_per_cpu_second']:.0f} for the 48 kHz 6-channel "
+              f"mix + resample; {a['flops_per_audio_second'] / 1e6:.2f} MFLOP per second of audio", file=sys.stderr)
+    per_s = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in res["recipe_flops_per_video_second"].items())
     print(f"GFLOP per second of video: {per_s}", file=sys.stderr)
     sys.stderr.flush()
     print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(functools.partial(main, _define_flags()))
+    console.run("extract.bench", functools.partial(main, _define_flags()))

@@ -432,18 +432,3 @@ class Extractor:
         outputs = self.text_runner(ids)
         tokens, mask = text_tokens(outputs, ids, max_tokens)
         return {"tokens": tokens, "mask": mask, "features": text_features(outputs, ids)}
-
-
-def benchmark(batch_size: int = 32, repeats: int = 3, compute_dtype: Any = jnp.float32,
-              cfg: CLIPConfig = CLIPConfig()) -> dict[str, Any]:
-    """CLIP (ViT-B/32 by default; random weights): {"image": frames, "text": texts (context_length
-    tokens)} each measured by `runner.measure` (rows_per_s, flops_per_row, ...) on this machine."""
-    from eao_jax.extract.runner import measure  # noqa: PLC0415
-
-    model = CLIP(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    image = Runner(model.visual, lambda m, x: m(x), batch_size, compute_dtype=compute_dtype)
-    pixels = rng.integers(0, 256, (image.batch_size, cfg.image_resolution, cfg.image_resolution, 3), np.uint8)
-    text = Runner(model.textual, lambda m, ids: m(ids), batch_size, compute_dtype=compute_dtype)
-    ids = rng.integers(1, cfg.vocab_size, (text.batch_size, cfg.context_length), np.int32)
-    return {"backbone": "clip_vit_b32", "image": measure(image, pixels, repeats), "text": measure(text, ids, repeats)}

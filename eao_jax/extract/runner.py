@@ -9,7 +9,6 @@ hundreds of MB of a ResNet-152.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -86,32 +85,3 @@ class Runner:
         if graphdef != self._graphdef or shapes != [jnp.shape(x) for x in jax.tree.leaves(self._state)]:
             raise ValueError("Runner.load: the model differs from the one this runner was built for")
         self._state = jax.device_put(state, self._replicated)
-
-    def flops_per_batch(self, row_shape: tuple[int, ...], dtype: Any) -> float:
-        """XLA's cost analysis of one call on a batch of rows of `row_shape` / `dtype` (the lowered
-        program, all devices together: nothing is compiled)."""
-        x = jax.ShapeDtypeStruct((self.batch_size, *row_shape), dtype, sharding=self._batch_sharding)
-        cost = self._run.lower(self._state, x).cost_analysis()
-        if isinstance(cost, list | tuple):  # older JAX: one dict per program
-            cost = cost[0]
-        return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
-def measure(runner: Runner, x: np.ndarray, repeats: int = 3) -> dict[str, float]:
-    """Throughput of `runner` on `x` (whole batches): one untimed call (compilation), then the best of
-    `repeats` timed calls. Returns rows_per_s, seconds_per_batch, compile_s (the first call),
-    flops_per_row (XLA's cost analysis) and achieved_flops_per_s."""
-    x = np.asarray(x)
-    t0 = time.perf_counter()
-    runner(x)
-    compile_s = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner(x)
-        best = min(best, time.perf_counter() - t0)
-    flops_per_row = runner.flops_per_batch(x.shape[1:], x.dtype) / runner.batch_size
-    n_batches = -(-x.shape[0] // runner.batch_size)
-    rows_per_s = x.shape[0] / best
-    return {"rows_per_s": rows_per_s, "seconds_per_batch": best / n_batches, "compile_s": compile_s,
-            "flops_per_row": flops_per_row, "achieved_flops_per_s": flops_per_row * rows_per_s}

@@ -390,16 +390,3 @@ class Extractor:
             raise ValueError(f"word {word!r} has id {ids.max()} in the dictionary, past the checkpoint's "
                              f"{self._rows} word embeddings")
         return self.text_runner(ids)
-
-
-def benchmark(batch_size: int = 4, frames: int = 32, size: int = 256, repeats: int = 3,
-              compute_dtype: Any = jnp.float32, cfg: S3DConfig = S3DConfig()) -> dict[str, Any]:
-    """The S3D video network (full size by default; random weights) on (batch_size, frames, size,
-    size, 3) uint8 clips: clips per second on this machine and XLA's FLOPs per clip (`runner.measure`:
-    rows_per_s = clips per second, flops_per_row = FLOPs per clip)."""
-    from eao_jax.extract.runner import measure  # noqa: PLC0415
-
-    model = S3DVideo(cfg, rngs=nnx.Rngs(0))
-    runner = Runner(model, lambda m, x: m(x)[0], batch_size, compute_dtype=compute_dtype)
-    clips = np.random.default_rng(0).integers(0, 256, (runner.batch_size, frames, size, size, 3), np.uint8)
-    return {"backbone": "s3d", "clip_shape": [frames, size, size], **measure(runner, clips, repeats)}
