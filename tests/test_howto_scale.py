@@ -120,6 +120,25 @@ def both_layouts(manual):
     return tmp / "layouts"
 
 
+@pytest.mark.parametrize("tfds_config", ["resnet_fp32", "resnet_fp32_video"])
+def test_an_epoch_counts_videos_not_records(both_layouts, tfds_config):
+    """steps_per_epoch (the lr decay's epochs, every-epoch evaluations) is videos // videos_per_batch
+    in both layouts, training and the benchmark alike, though the chunked split holds a header and
+    several chunk records per video."""
+    from eao_jax import bench, config_utils, train
+
+    records = len(PreparedDataset.open("howto100m", both_layouts, tfds_config).raw_source("train"))
+    assert records >= 5 * 9 if tfds_config == "resnet_fp32" else records == 9  # 20-40 s videos, 4-s chunks
+    config = _config(both_layouts, tfds_config, videos_per_batch=2)
+    config.train = ml_collections.ConfigDict(dict(steps_per_epoch=-1))
+    config.eval = ml_collections.ConfigDict(dict(tasks=dict(youcook2=dict(every_steps=-1))))
+    it, n_videos = train.make_train_data(config)
+    assert n_videos == 9 and next(it)["video"].shape[0] == 2 * 3
+    config_utils.resolve_epoch_steps(config, n_videos)
+    assert config.train.steps_per_epoch == 9 // 2 and config.eval.tasks.youcook2.every_steps == 4
+    assert bench._training_videos(config) == 9
+
+
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
