@@ -191,8 +191,8 @@ def _training_videos(config: ml_collections.ConfigDict) -> int | None:
         try:
             from eao_jax.data import pipelines  # noqa: PLC0415
 
-            return len(pipelines.open_dataset(d.dataset, d.data_dir, d.get("tfds_config")).source(
-                d.get("split") or "train"))
+            return pipelines.open_dataset(d.dataset, d.data_dir, d.get("tfds_config")).num_examples(
+                d.get("split") or "train")
         except Exception:  # not prepared here: the schedule's shape does not matter for timing
             return None
     return None

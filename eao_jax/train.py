@@ -259,7 +259,8 @@ def make_train_data(config: ml_collections.ConfigDict) -> tuple[Any, int]:
 
     prepare_once(config.data.dataset, config.data.data_dir, config.data.get("tfds_config"))
     ds = pipelines.open_dataset(config.data.dataset, config.data.data_dir, config.data.get("tfds_config"))
-    n_videos = len(ds.source(config.data.get("split") or "train"))
+    # Items of the split from its metadata: a chunked HowTo split has more records than videos.
+    n_videos = ds.num_examples(config.data.get("split") or "train")
     return pipelines.make_train_iterator(config), n_videos
 
 

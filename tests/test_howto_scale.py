@@ -120,6 +120,25 @@ def both_layouts(manual):
     return tmp / "layouts"
 
 
+@pytest.mark.parametrize("tfds_config", ["resnet_fp32", "resnet_fp32_video"])
+def test_an_epoch_counts_videos_not_records(both_layouts, tfds_config):
+    """steps_per_epoch (the lr decay's epochs, every-epoch evaluations) is videos // videos_per_batch
+    in both layouts, training and the benchmark alike, though the chunked split holds a header and
+    several chunk records per video."""
+    from eao_jax import bench, config_utils, train
+
+    records = len(PreparedDataset.open("howto100m", both_layouts, tfds_config).raw_source("train"))
+    assert records >= 5 * 9 if tfds_config == "resnet_fp32" else records == 9  # 20-40 s videos, 4-s chunks
+    config = _config(both_layouts, tfds_config, videos_per_batch=2)
+    config.train = ml_collections.ConfigDict(dict(steps_per_epoch=-1))
+    config.eval = ml_collections.ConfigDict(dict(tasks=dict(youcook2=dict(every_steps=-1))))
+    it, n_videos = train.make_train_data(config)
+    assert n_videos == 9 and next(it)["video"].shape[0] == 2 * 3
+    config_utils.resolve_epoch_steps(config, n_videos)
+    assert config.train.steps_per_epoch == 9 // 2 and config.eval.tasks.youcook2.every_steps == 4
+    assert bench._training_videos(config) == 9
+
+
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -232,21 +251,36 @@ def test_kill_and_resume_gives_the_same_batches(both_layouts, tmp_path):
 
 
 def test_worker_processes_build_clips_in_shared_memory():
-    """The pipeline's grain worker_init_fn switches clip allocation to shared memory (handed to the
-    training process without a copy); the training process itself allocates plain arrays."""
+    """In a worker process (grain's worker_init_fn ran) clip arrays are built in shared-memory files of
+    their loader and pickled as the files' names; unpickling in the training process maps the memory
+    and unlinks the name at once. The training process itself allocates plain arrays."""
     code = textwrap.dedent("""
+        import os, pickle
         import numpy as np
-        from grain.multiprocessing import SharedMemoryArray
-        from eao_jax.data import howto
+        from multiprocessing.reduction import ForkingPickler
+        from eao_jax.data import howto, workers
         kw = dict(video_dim=8, text_dim=4, max_words=3, n_stft=16, n_video_tokens=2)
         plain = howto.empty_clips(2, **kw)
         assert all(type(a) is np.ndarray for a in plain.values())
-        howto.in_worker_process(0, 2)
+        loader = workers.Loader.new()
+        workers.in_worker_process(loader, 0, 2)
+        marker = loader.prefix + "w%x" % os.getpid()
+        assert loader.names() == [marker] and loader.workers() == [os.getpid()]
         shared = howto.empty_clips(2, **kw)
-        assert all(isinstance(a, SharedMemoryArray) for a in shared.values()), {k: type(a) for k, a in shared.items()}
-        assert shared["audio"].shape == (2, 40, 16) and shared["video"].shape == (2, 2, 8)
-        for a in shared.values():
-            a.unlink_on_del()
+        assert len(loader.names()) == 7 and shared["audio"].shape == (2, 40, 16) and shared["video"].shape == (2, 2, 8)
+        for i, a in enumerate(shared.values()):
+            a[...] = i
+        row = pickle.loads(pickle.dumps(shared["audio"][1]))  # a view: pickled whole, the file stays
+        assert len(loader.names()) == 7 and type(row) is not np.ndarray and (row == 4).all()
+        got = pickle.loads(ForkingPickler.dumps(shared))  # as grain's queue does
+        assert loader.names() == [marker]
+        assert all(type(a) is np.ndarray and a.shape == shared[k].shape and (a == i).all()
+                   for i, (k, a) in enumerate(got.items()))
+        del shared
+        got["audio"][0] += 1  # still mapped in this process
+        assert (got["audio"][0] == 5).all()
+        loader.remove()
+        assert loader.names() == []
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

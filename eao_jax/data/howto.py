@@ -23,6 +23,7 @@ import numpy as np
 from eao_jax import batch_contract
 from eao_jax.data import audio as audio_lib
 from eao_jax.data import video as video_lib
+from eao_jax.data import workers
 from eao_jax.data.records import half_to_float32
 from eao_jax.data.text import WordTable, tokenize
 
@@ -202,32 +203,16 @@ def _write(out: dict[str, np.ndarray], row: int, plan, reads: ClipReads, video, 
     return n
 
 
-_SHARED_MEMORY_CLIPS = False
-
-
-def in_worker_process(worker_index: int, worker_count: int) -> None:
-    """grain `worker_init_fn` of the training pipeline's worker processes: their clip arrays are
-    allocated in shared memory from now on (see `empty_clips`)."""
-    del worker_index, worker_count
-    global _SHARED_MEMORY_CLIPS
-    _SHARED_MEMORY_CLIPS = True
-
-
 def empty_clips(n: int, *, video_dim: int, text_dim: int, max_words: int = 20, n_stft: int = 768,
                 n_video_tokens: int = 12) -> dict[str, np.ndarray]:
     """Uninitialised clip arrays for n rows (the batch contract's shapes); `_write` fills every value.
 
-    In a grain worker process (`in_worker_process` ran) they are allocated in shared memory, which
-    grain hands to the main process without another copy of the batch.
+    In a grain worker process they are allocated in shared memory (`workers.empty`), which grain
+    hands to the training process without another copy of the batch.
     """
-    alloc = np.empty
-    if _SHARED_MEMORY_CLIPS:
-        from grain.multiprocessing import SharedMemoryArray
-
-        alloc = SharedMemoryArray
     shapes = dict(video=(n, n_video_tokens, video_dim), video_mask=(n, n_video_tokens), text=(n, max_words, text_dim),
                   text_mask=(n, max_words), audio=(n, batch_contract.N_MELS, n_stft), audio_mask=(n, n_stft))
-    return {k: alloc(v, np.float32) for k, v in shapes.items()}
+    return {k: workers.empty(v, np.float32) for k, v in shapes.items()}
 
 
 def _video_dim(features_2d, features_3d) -> int:

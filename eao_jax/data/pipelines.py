@@ -12,11 +12,12 @@ Training (HowTo100M and the synthetic `train` split, or fine-tuning on MSR-VTT /
   Uses config.seed and config.data.*: dataset, data_dir, tfds_config (None: the default builder
   config), split ("train"), videos_per_batch, clips_per_video, n_video_tokens, max_words, n_stft,
   min_time, text_audio_misaligned, num_workers (0: in-process threads; > 0: grain worker processes,
-  whose batches reach the main process through shared memory without a copy), read_threads (threads
-  per process, default 2), read_buffer (elements read ahead per reader, default 4), prefetch (elements
-  buffered per worker), worker_videos (HowTo layouts: videos per element a reader builds, a divisor
-  of the process's videos per batch; default the largest up to 16; the main process concatenates
-  the elements of a batch into reused arrays), video_strategy (fine-tuning only; default "clip").
+  whose batches reach the main process through shared memory without a copy: `eao_jax.data.workers`),
+  read_threads (threads per process, default 2), read_buffer (elements read ahead per reader, default
+  4), prefetch (elements buffered per worker), worker_videos (HowTo layouts: videos per element a
+  reader builds, a divisor of the process's videos per batch; default the largest up to 16; the main
+  process concatenates the elements of a batch into reused arrays), video_strategy (fine-tuning
+  only; default "clip").
   Fields beyond those of `eao_jax.defaults.data_config()` are optional.
   The global batch is videos_per_batch x clips_per_video clips, flattened. Every process walks the
   same shuffled, repeated video order (from config.seed); global batch k is positions
@@ -66,6 +67,7 @@ The word-vector table beside the dataset gives Dt; a dataset prepared without --
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -77,7 +79,7 @@ import numpy as np
 
 from eao_jax import batch_contract
 from eao_jax.data import audio as audio_lib
-from eao_jax.data import howto
+from eao_jax.data import howto, workers
 from eao_jax.data import video as video_lib
 from eao_jax.data.dataset import PreparedDataset
 from eao_jax.data.howto_store import HowToStore
@@ -276,7 +278,12 @@ class RandomCaptionBatch(grain.transforms.Map):
             caps = rec["captions"] or [rec["caption"]]
             rng = position_rng(self.seed, position)
             rows.append(self.inputs(rec, caps[int(rng.integers(len(caps)))]))
-        return {k: np.concatenate([r[k] for r in rows]) for k in batch_contract.KEYS}
+        out = {}
+        for k in batch_contract.KEYS:
+            parts = [r[k] for r in rows]
+            shape = (sum(len(p) for p in parts),) + parts[0].shape[1:]
+            out[k] = np.concatenate(parts, out=workers.empty(shape, parts[0].dtype))  # shared memory in a worker
+        return out
 
 
 def _cfg(data, key: str, default):
@@ -352,17 +359,24 @@ def train_dataset(config, *, process_index: int | None = None, process_count: in
     it = elements.to_iter_dataset(read)
     if elements_only:
         return it
-    workers = int(_cfg(data, "num_workers", 0))
-    if workers > 0:
+    n_workers = int(_cfg(data, "num_workers", 0))
+    loader = None
+    if n_workers > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's worker setup reads its absl flags (defaults outside an app)
             flags.FLAGS.mark_as_parsed()
+        # Shared memory named per run, left-overs of killed runs removed (eao_jax.data.workers).
+        workers.remove_orphans()
+        loader = workers.Loader.new()
+        it = grain.experimental.WithOptionsIterDataset(it, workers.NO_SHM_COPIES)
         it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=int(_cfg(data, "prefetch", 2))),
-            worker_init_fn=howto.in_worker_process)
+            num_workers=n_workers, per_worker_buffer_size=int(_cfg(data, "prefetch", 2))),
+            worker_init_fn=functools.partial(workers.in_worker_process, loader))
     if layout != "items":
         it = it.batch(local_videos // group, drop_remainder=True, batch_fn=ConcatBatches())
+    if loader is not None:
+        it = workers.WatchWorkers(it, loader)
     return it
 
 
