@@ -71,6 +71,8 @@ def make_video(
             vs.options = {"preset": "ultrafast", "threads": "1"}
         elif codec == "libvpx-vp9":
             vs.options = {"deadline": "realtime", "cpu-used": "8", "threads": "1"}
+        elif codec == "libx265":
+            vs.options = {"x265-params": "log-level=none:pools=1:frame-threads=1"}
         elif codec == "libsvtav1":
             vs.options = {"preset": "12"}
         if color_range is not None:

@@ -249,6 +249,9 @@ class VideoDecoder:
       default, which the reference used.
     threads: decoder and filter threads (1: one process per core is the efficient layout; 0: automatic).
     chunk_frames / chunk_samples: the most frames / audio samples one chunk holds.
+
+    Packets the decoders reject are skipped, as ffmpeg's command line skips them, and counted in
+    `skipped_packets` ({"video": n, "audio": n}) for the caller to report.
     """
 
     def __init__(self, path: os.PathLike | str, recipes: Mapping[str, FrameRecipe] = DEFAULT_RECIPES, *,
@@ -265,6 +268,7 @@ class VideoDecoder:
         self.chunk_frames = chunk_frames
         self.chunk_samples = chunk_samples
         self._iterated = False
+        self.skipped_packets = {"video": 0, "audio": 0}
         if not os.path.exists(self.path):
             raise DecodeError(self.path, "no such file")
         if os.path.isdir(self.path):
@@ -348,8 +352,9 @@ class VideoDecoder:
             return self._video.decode(packet)
         except av.error.EOFError:
             return []  # already flushed by the demuxer's end-of-stream packet
-        except av.error.FFmpegError as e:
-            raise DecodeError(self.path, f"video decoding failed ({_ffmpeg_reason(e)})") from None
+        except av.error.FFmpegError:
+            self.skipped_packets["video"] += 1
+            return []
 
     def __enter__(self) -> VideoDecoder:
         return self
@@ -401,7 +406,7 @@ class VideoDecoder:
                 end = pts + (frame.duration or default_duration)
 
         def audio_samples(packet):
-            for samples in audio.decode(self.path, packet):
+            for samples in audio.decode(packet, self.skipped_packets):
                 pending_samples.append(samples)
             if sum(map(len, pending_samples)) >= self.chunk_samples:
                 yield from flush_audio()
@@ -455,15 +460,16 @@ class _AudioMono:
         self.stream = stream
         self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE, threads=threads)
 
-    def decode(self, path: str, packet) -> Iterator[np.ndarray]:
+    def decode(self, packet, skipped: dict[str, int]) -> Iterator[np.ndarray]:
         import av  # noqa: PLC0415
 
         try:
             frames = self.stream.decode(packet)
         except av.error.EOFError:
             frames = []  # already flushed by the demuxer's end-of-stream packet
-        except av.error.FFmpegError as e:
-            raise DecodeError(path, f"audio decoding failed ({_ffmpeg_reason(e)})") from None
+        except av.error.FFmpegError:
+            skipped["audio"] += 1
+            frames = []
         for frame in frames:
             data = frame.to_ndarray()
             if not frame.format.is_planar:
