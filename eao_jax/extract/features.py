@@ -1,0 +1,136 @@
+"""The feature types the extraction job writes, one registry entry each (`FEATURES`).
+
+An entry says where its files go in the released layout (folder, file suffix, npz key), which
+decoded frames it reads (a `decode.FrameRecipe`: rate, short side, crop; None for the audio) and how
+many frames make one output row, and how its backbone is loaded (from the public PyTorch weights,
+through the converters of `eao_jax.extract`) and applied on the device to the decoded uint8 frames
+(normalisation inside the jitted call, so the host ships bytes, not floats). Adding a feature type
+is one entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from eao_jax.extract import decode
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """One feature type.
+
+    name: its `--features` value. subdir / suffix / key: `<output>/<subdir>/<path>/<vid><suffix>`,
+    npz key. frames: the decoded frames it reads (None: the audio, made on the host). clip_frames:
+    frames per row (1: a row per frame; 16: non-overlapping 16-frame clips, the last padded with
+    black frames, as the 3D recipe pads). apply: `(model, uint8 frames or clips as floats) -> (B, D)`
+    rows, jit-able. load: checkpoint file -> model. checkpoint_flag: the command-line flag naming it.
+    prepare_config: the `prepare --dataset=howto100m` config whose slot it fills, and `slot` that slot.
+    """
+
+    name: str
+    subdir: str
+    suffix: str
+    key: str
+    frames: decode.FrameRecipe | None = None
+    clip_frames: int = 1
+    apply: Callable[[Any, Any], Any] | None = None
+    load: Callable[[str], Any] | None = None
+    checkpoint_flag: str | None = None
+    prepare_config: str | None = None
+    slot: str | None = None
+
+    def file(self, path: str) -> str:
+        """This feature's file of the video with output path `path`, relative to the output root."""
+        vid = path.rsplit("/", 1)[-1]
+        return f"{self.subdir}/{path}/{vid}{self.suffix}"
+
+    @property
+    def on_device(self) -> bool:
+        return self.frames is not None
+
+
+def _apply_2d(model: Any, frames: Any) -> Any:
+    from eao_jax.extract import frames as recipe  # noqa: PLC0415 (JAX only when a backbone runs)
+    from eao_jax.extract import resnet  # noqa: PLC0415
+
+    return resnet.features(model, recipe.normalize(frames / 255.0, recipe.IMAGENET_MEAN, recipe.IMAGENET_STD))
+
+
+def _apply_3d(model: Any, clips: Any) -> Any:
+    from eao_jax.extract import frames as recipe  # noqa: PLC0415
+    from eao_jax.extract import resnext  # noqa: PLC0415
+
+    return resnext.features(model, recipe.normalize(clips, recipe.KINETICS_MEAN, (1.0, 1.0, 1.0)))
+
+
+def _load_2d(path: str) -> Any:
+    from eao_jax.extract import resnet  # noqa: PLC0415
+
+    return resnet.load(_local(path))
+
+
+def _load_3d(path: str) -> Any:
+    from eao_jax.extract import resnext  # noqa: PLC0415
+
+    return resnext.load(_local(path))
+
+
+def _local(path: str) -> str:
+    """A checkpoint on an object store, copied to a local temporary file (the readers take files)."""
+    if "://" not in path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: checkpoint file not found")
+        return path
+    import tempfile  # noqa: PLC0415
+
+    from etils import epath  # noqa: PLC0415
+
+    src = epath.Path(path)
+    if not src.exists():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    fd, tmp = tempfile.mkstemp(suffix="_" + src.name)
+    with os.fdopen(fd, "wb") as f:
+        f.write(src.read_bytes())
+    return tmp
+
+
+FEATURES: dict[str, Feature] = {f.name: f for f in (
+    Feature("2d", "features", "_2d.npz", "features", frames=decode.FRAMES_2D, apply=_apply_2d, load=_load_2d,
+            checkpoint_flag="checkpoint_2d", prepare_config="resnet", slot="2d"),
+    Feature("3d", "features", "_3d.npz", "features", frames=decode.FRAMES_3D, clip_frames=16, apply=_apply_3d,
+            load=_load_3d, checkpoint_flag="checkpoint_3d", prepare_config="resnet", slot="3d"),
+    Feature("audio", "audio_features", "_spec.npz", "arr_0"),
+)}
+AUDIO = "audio"
+
+
+def parse(names: str | list[str]) -> tuple[Feature, ...]:
+    """The registry entries of a `--features` value ("2d,3d,audio"), in registry order."""
+    items = [n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names)]
+    items = [n for n in items if n]
+    unknown = [n for n in items if n not in FEATURES]
+    if unknown:
+        raise ValueError(f"--features: unknown feature type {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(FEATURES)})")
+    if not items:
+        raise ValueError(f"--features: name at least one of {', '.join(FEATURES)}")
+    return tuple(f for f in FEATURES.values() if f.name in items)
+
+
+def prepare_config(features: tuple[Feature, ...]) -> str:
+    """The `prepare --dataset=howto100m` config these features make: every slot of one config plus the
+    audio; a ValueError naming what is missing otherwise."""
+    names = {f.name for f in features}
+    configs = {f.prepare_config for f in features if f.prepare_config}
+    for config in sorted(configs):
+        need = {f.name for f in FEATURES.values() if f.prepare_config == config} | {AUDIO}
+        if need <= names:
+            return config
+    options = "; ".join(
+        f"{c}: {','.join(sorted({f.name for f in FEATURES.values() if f.prepare_config == c} | {AUDIO}))}"
+        for c in sorted({f.prepare_config for f in FEATURES.values() if f.prepare_config}))
+    raise ValueError(f"--features={','.join(sorted(names))} does not make a HowTo100M dataset; prepare needs "
+                     f"one of: {options}")

@@ -1,0 +1,683 @@
+"""The extraction job: video files -> the released HowTo100M feature layout (`eao_jax.extract.outputs`).
+
+One process of the job (of `num_processes`, e.g. one per host under jax.distributed) takes its
+contiguous block of the video list and:
+
+1. lists what its block already has under the output (one listing, not a request per file): a video
+   whose requested outputs all exist is done and skipped; a partial one is redone for its missing
+   outputs only; temporary files a killed run left for the block's videos are removed.
+2. decodes each remaining video ONCE in a worker process (`decode.VideoDecoder`: every frame recipe and
+   the 16 kHz audio from one pass, streamed in chunks), which groups the frames into the backbones'
+   units (a frame, or a 16-frame clip) and turns the audio into the log-mel spectrogram;
+3. here, packs the units of all videos in flight into fixed-shape batches (one per feature and frame
+   size; the last one of a video zero-padded only when nothing else is waiting), runs them on the
+   local devices (`runner.Runner`; normalisation inside the jitted call) while the workers decode the
+   next videos, and collects the rows of each video;
+4. writes a video's files (float16, atomically: temporary name + rename) once all its rows are in.
+
+A video the decoder refuses (`decode.DecodeError`: unreadable, truncated, empty, no video stream...)
+is a named, counted failure in the report, never a crash and never a partial file; a video without
+audio gets its video features and a silent spectrogram, with a note saying so. Killing the job loses
+only the videos in flight: the rerun skips every video whose files exist.
+
+At the end each process writes its report and finished list to `extract_parts/`; after a barrier
+process 0 merges them into `extract_report.json` and `videos.csv` (and, given captions,
+`caption.pickle`), the files `prepare --dataset=howto100m` reads.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import queue
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from eao_jax.extract import decode, logmel, outputs
+from eao_jax.extract.features import AUDIO, Feature
+
+_POLL_S = 0.2  # how often a blocked wait checks that the workers (or the parent) are alive
+_TASKS_PER_WORKER = 2  # one decoding, one queued: a worker never waits for its next video
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How to extract.
+
+    output: the output root (local or gs://). features: registry entries to write. batch_size: frames /
+    clips per device call. workers: decoding processes (0: one per CPU core this process may use, less
+    one). interpolation: the scale filter's (`decode.INTERPOLATIONS`). compute_dtype: "float32" or
+    "bfloat16". captions: a captions file (`outputs.read_captions`) for caption.pickle. progress: show a
+    progress bar (process 0). chunk_frames: frames per decoded chunk (bounds a worker's memory).
+    """
+
+    output: str
+    features: tuple[Feature, ...]
+    batch_size: int = 32
+    workers: int = 0
+    interpolation: str = "bicubic"
+    compute_dtype: str = "float32"
+    captions: str | None = None
+    progress: bool = True
+    chunk_frames: int = 32
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.interpolation not in decode.INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r}: one of {', '.join(decode.INTERPOLATIONS)}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if not self.features:
+            raise ValueError("no feature types to extract")
+
+    def worker_count(self) -> int:
+        if self.workers:
+            return self.workers
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(cores - 1, 1)
+
+
+def failure_category(reason: str) -> str:
+    """The counted kind of a failure: its reason up to the first ':' or '(' ("truncated",
+    "no video stream", "empty file", ...)."""
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip() or "error"
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+class _ParentGone(Exception):
+    pass
+
+
+def _put(result_q: Any, msg: tuple, parent: int) -> None:
+    while True:
+        try:
+            result_q.put(msg, timeout=_POLL_S * 5)
+            return
+        except queue.Full:
+            if os.getppid() != parent:
+                raise _ParentGone from None
+
+
+def _local_copy(source: str, tmpdir: str) -> str:
+    from etils import epath  # noqa: PLC0415
+
+    target = os.path.join(tmpdir, "video" + os.path.splitext(source)[1])
+    with epath.Path(source).open("rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    return target
+
+
+def _silent_spectrogram(seconds: float) -> np.ndarray:
+    """The spectrogram of `seconds` of silence as the recipe makes it: 0 dB everywhere (every frame is
+    at the file's maximum, the power floor)."""
+    samples = max(int(round(seconds * logmel.SAMPLE_RATE)), 1)
+    return logmel.logmel(np.zeros(samples, np.int16))
+
+
+def _extract_one(source: str, needs: Sequence[str], cfg: dict, send: Callable[[tuple], None]) -> dict:
+    """Decodes one video, sending ("units", feature, array) messages; returns the end summary.
+    `cfg["streams"]`: feature name -> (its decode.FrameRecipe, frames per row) of the device features."""
+    streams = cfg["streams"]
+    recipes = {n: streams[n][0] for n in needs if n in streams}
+    want_audio = AUDIO in needs
+    rows = {name: 0 for name in recipes}
+    leftover: dict[str, np.ndarray] = {}
+    audio_parts: list[np.ndarray] = []
+    with tempfile.TemporaryDirectory(prefix="eao_extract_") as tmp:
+        path = _local_copy(source, tmp) if outputs.is_remote(source) else source
+        with decode.VideoDecoder(path, recipes, audio=want_audio, interpolation=cfg["interpolation"], threads=1,
+                                 chunk_frames=cfg["chunk_frames"]) as decoder:
+            info = decoder.info
+            frames_seen = {name: 0 for name in recipes}
+            for chunk in decoder:
+                if chunk.stream == "audio":
+                    audio_parts.append(logmel.to_mono_16k(chunk.data[None], logmel.SAMPLE_RATE))
+                    continue
+                name = chunk.stream
+                clip_frames = streams[name][1]
+                frames_seen[name] += len(chunk.data)
+                units = chunk.data
+                if clip_frames > 1:
+                    if name in leftover:
+                        units = np.concatenate([leftover.pop(name), units])
+                    whole = len(units) // clip_frames * clip_frames
+                    if whole < len(units):
+                        leftover[name] = units[whole:]
+                    units = units[:whole].reshape(-1, clip_frames, *units.shape[1:])
+                if len(units):
+                    send(("units", name, units))
+                    rows[name] += len(units)
+        for name, rest in leftover.items():  # the last clip, padded with black frames (the recipe's zeros)
+            clip_frames = streams[name][1]
+            pad = np.zeros((clip_frames - len(rest), *rest.shape[1:]), np.uint8)
+            send(("units", name, np.concatenate([rest, pad])[None]))
+            rows[name] += 1
+    duration = info.duration
+    if duration is None or duration <= 0:
+        duration = max((n / recipes[k].fps for k, n in frames_seen.items()), default=0.0)
+    spec, note = None, ""
+    if want_audio:
+        if audio_parts and sum(map(len, audio_parts)):
+            spec = logmel.logmel(np.concatenate(audio_parts))
+        else:
+            what = info.audio_note or "the audio stream holds no samples"
+            if not recipes:
+                raise decode.DecodeError(source, f"{what}: no audio to extract")
+            spec = _silent_spectrogram(duration)
+            note = (f"{what}: wrote a silent spectrogram ({spec.shape[1]} frames of 0 dB for {duration:.2f} s, what "
+                    "the recipe gives a silent track) beside the video features")
+    return {"rows": rows, "spec": spec, "note": note, "duration": float(duration)}
+
+
+def _worker_main(wid: int, task_q: Any, result_q: Any, parent: int, cfg: dict) -> None:
+    """A decoding process: takes (index, source, needs) tasks until None, answers on `result_q`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers; Ctrl-C is for it
+    try:
+        while True:
+            try:
+                task = task_q.get(timeout=_POLL_S * 5)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return
+                continue
+            if task is None:
+                return
+            index, source, needs = task
+            cpu0 = time.process_time()
+            try:
+                end = _extract_one(source, needs, cfg, lambda m, i=index: _put(result_q, (m[0], i, *m[1:]), parent))
+            except _ParentGone:
+                raise
+            except decode.DecodeError as e:
+                _put(result_q, ("error", index, e.reason), parent)
+            except Exception as e:  # noqa: BLE001 (a video must never end the run: named and counted)
+                _put(result_q, ("error", index, f"error: {type(e).__name__}: {e}".splitlines()[0]), parent)
+            else:
+                end["cpu_s"] = time.process_time() - cpu0
+                _put(result_q, ("end", index, end), parent)
+    except (_ParentGone, KeyboardInterrupt, BrokenPipeError, EOFError):
+        return
+
+
+class _Workers:
+    """The decoding processes, each with its own task queue (so a dead worker's videos are known)."""
+
+    def __init__(self, count: int, cfg: dict):
+        import multiprocessing  # noqa: PLC0415
+
+        # spawn: the parent holds JAX's threads, which a fork would copy in an unusable state.
+        self._ctx = multiprocessing.get_context("spawn")
+        self.results = self._ctx.Queue(maxsize=max(4 * count, 8))
+        self._cfg = cfg
+        self._procs: list[Any] = []
+        self._tasks: list[Any] = []
+        self.assigned: list[collections.deque] = []
+        for wid in range(count):
+            self._procs.append(None)
+            self._tasks.append(None)
+            self.assigned.append(collections.deque())
+            self._start(wid)
+
+    def _start(self, wid: int) -> None:
+        self._tasks[wid] = self._ctx.Queue()
+        p = self._ctx.Process(target=_worker_main, args=(wid, self._tasks[wid], self.results, os.getpid(), self._cfg),
+                              daemon=True, name=f"eao-extract-decoder-{wid}")
+        p.start()
+        self._procs[wid] = p
+
+    def free_slots(self) -> list[int]:
+        return [w for w, a in enumerate(self.assigned) if len(a) < _TASKS_PER_WORKER]
+
+    def submit(self, wid: int, index: int, source: str, needs: tuple[str, ...]) -> None:
+        self.assigned[wid].append(index)
+        self._tasks[wid].put((index, source, needs))
+
+    def finished(self, index: int) -> None:
+        for a in self.assigned:
+            if a and a[0] == index:
+                a.popleft()
+                return
+            if index in a:
+                a.remove(index)
+                return
+
+    def reap(self) -> list[tuple[int | None, list[int], int]]:
+        """Restarts dead workers; returns (the video each was decoding or None, its queued videos, exit code)."""
+        dead = []
+        for wid, p in enumerate(self._procs):
+            if p.exitcode is not None:
+                held = list(self.assigned[wid])
+                self.assigned[wid].clear()
+                dead.append((held[0] if held else None, held[1:], p.exitcode))
+                self._start(wid)
+        return dead
+
+    def close(self) -> None:
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except (ValueError, OSError):
+                pass
+        deadline = time.monotonic() + 5
+        for p in self._procs:
+            p.join(max(deadline - time.monotonic(), 0.1))
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+        self.results.cancel_join_thread()
+        for q in self._tasks:
+            q.cancel_join_thread()
+
+
+# ------------------------------------------------------------------------------------------------ the device side
+
+
+@dataclasses.dataclass
+class _Video:
+    index: int
+    video: outputs.Video
+    needs: tuple[str, ...]
+    partial: bool
+    rows: dict[str, dict[int, np.ndarray]] = dataclasses.field(default_factory=dict)
+    received: dict[str, int] = dataclasses.field(default_factory=dict)
+    end: dict | None = None
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self._lock = threading.Lock()
+
+    def add(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[key] += seconds
+
+
+class _Device:
+    """Fixed-shape batches per (feature, unit shape), dispatched asynchronously, results by video row."""
+
+    def __init__(self, runners: dict[str, Any], timer: _Timer, max_in_flight: int = 2):
+        self.runners = runners
+        self.timer = timer
+        self.max_in_flight = max_in_flight
+        self.pending: dict[tuple, list[tuple[int, int, np.ndarray]]] = {}  # (feature, shape) -> (video, row, unit)
+        self.in_flight: collections.deque = collections.deque()
+        self.dims: dict[str, int] = {}
+
+    def add(self, feature: str, video: int, first_row: int, units: np.ndarray) -> list[tuple]:
+        key = (feature, units.shape[1:])
+        batch = self.pending.setdefault(key, [])
+        done = []
+        for i, unit in enumerate(units):
+            batch.append((video, first_row + i, unit))
+            if len(batch) == self.runners[feature].batch_size:
+                done += self._dispatch(key)
+                batch = self.pending.setdefault(key, [])
+        return done
+
+    def _dispatch(self, key: tuple) -> list[tuple]:
+        batch = self.pending.pop(key)
+        t0 = time.perf_counter()
+        out, n = self.runners[key[0]].dispatch(np.stack([u for _, _, u in batch]))
+        self.in_flight.append((key[0], out, n, [(v, r) for v, r, _ in batch]))
+        self.timer.add("device", time.perf_counter() - t0)
+        done = []
+        while len(self.in_flight) > self.max_in_flight:
+            done.append(self._resolve())
+        return done
+
+    def _resolve(self) -> tuple:
+        feature, out, n, tags = self.in_flight.popleft()
+        t0 = time.perf_counter()
+        rows = np.asarray(out)[:n]
+        self.timer.add("device", time.perf_counter() - t0)
+        self.dims.setdefault(feature, int(rows.shape[1]))
+        return feature, rows, tags
+
+    def flush(self, videos: set[int] | None = None) -> list[tuple]:
+        """Dispatches the partial batches holding units of `videos` (all when None) and waits for
+        every batch in flight."""
+        for key in [k for k, b in self.pending.items() if videos is None or any(v in videos for v, _, _ in b)]:
+            self._dispatch(key)
+        return [self._resolve() for _ in range(len(self.in_flight))]
+
+    def drop(self, video: int) -> None:
+        for key in list(self.pending):
+            self.pending[key] = [u for u in self.pending[key] if u[0] != video]
+            if not self.pending[key]:
+                del self.pending[key]
+
+
+class Stopped(Exception):
+    """The job received SIGTERM / SIGINT; what was finished is kept (rerun to resume)."""
+
+
+def _runners(settings: Settings, models: dict[str, Any]) -> dict[str, Any]:
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from eao_jax.extract.runner import Runner  # noqa: PLC0415
+
+    dtype = jnp.bfloat16 if settings.compute_dtype == "bfloat16" else jnp.float32
+    out = {}
+    for f in settings.features:
+        if f.on_device:
+            if f.name not in models:
+                raise ValueError(f"no backbone for feature type {f.name!r} (give --{f.checkpoint_flag})")
+            out[f.name] = Runner(models[f.name], f.apply, settings.batch_size, compute_dtype=dtype)
+    return out
+
+
+def _postfix(timer: _Timer, wall: float) -> dict[str, str]:
+    s = timer.seconds
+    wall = max(wall, 1e-9)
+    return {"decode": f"{s['decode_cpu'] / wall:.1f} cores", "device": f"{100 * s['device'] / wall:.0f}%",
+            "wait_decode": f"{100 * s['input_wait'] / wall:.0f}%", "write": f"{100 * s['write'] / wall:.0f}%"}
+
+
+def extract_block(videos: Sequence[outputs.Video], settings: Settings, models: dict[str, Any], *,
+                  process_id: int = 0, num_processes: int = 1) -> tuple[dict, list[str]]:
+    """Extracts this process's block of `videos`; returns (its report, the block's finished paths in
+    list order). See the module docstring."""
+    t_start = time.perf_counter()
+    start, stop = outputs.process_block(len(videos), process_id, num_processes)
+    block = list(videos[start:stop])
+    root = settings.output
+    feats = settings.features
+    existing, temps = outputs.scan(root, {f.subdir for f in feats})
+    wanted = {f.file(v.path) for v in block for f in feats}
+    for t in temps:
+        if outputs.temp_target(t) in wanted:
+            outputs.remove(root, t)
+    todo: list[_Video] = []
+    already = 0
+    for i, v in enumerate(block):
+        needs = tuple(f.name for f in feats if f.file(v.path) not in existing)
+        if not needs:
+            already += 1
+        else:
+            todo.append(_Video(i, v, needs, partial=len(needs) < len(feats)))
+
+    timer = _Timer()
+    report: dict[str, Any] = {
+        "process_id": process_id, "num_processes": num_processes, "videos": len(block), "first_video": start,
+        "features": [f.name for f in feats], "already_done": already, "extracted": 0, "completed_partial": 0,
+        "failed": 0, "failure_counts": {}, "failures": [], "notes": [], "video_seconds": 0.0, "dims": {},
+        "interrupted": False}
+    finished = [False] * len(block)
+    for i, v in enumerate(block):
+        finished[i] = all(f.file(v.path) in existing for f in feats)
+
+    def fail(item: _Video, reason: str) -> None:
+        report["failed"] += 1
+        cat = failure_category(reason)
+        report["failure_counts"][cat] = report["failure_counts"].get(cat, 0) + 1
+        report["failures"].append({"video": item.video.source, "path": item.video.path, "reason": reason})
+
+    if todo:
+        try:
+            _run(todo, settings, models, timer, report, finished, fail, process_id, num_processes, len(block),
+                 already)
+        except Stopped:
+            report["interrupted"] = True
+    report["dims"] = {k: v for k, v in sorted(report["dims"].items())}
+    wall = time.perf_counter() - t_start
+    report["seconds"] = {"wall": wall, **{k: round(v, 3) for k, v in sorted(timer.seconds.items())}}
+    report["videos_per_hour"] = report["extracted"] * 3600 / wall if wall > 0 else 0.0
+    done_paths = [v.path for v, ok in zip(block, finished, strict=True) if ok]
+    return report, done_paths
+
+
+def _run(todo: list[_Video], settings: Settings, models: dict[str, Any], timer: _Timer, report: dict,
+         finished: list[bool], fail: Callable[[_Video, str], None], process_id: int, num_processes: int,
+         total: int, already: int) -> None:
+    from tqdm import tqdm  # noqa: PLC0415
+
+    device = _Device(_runners(settings, models), timer)
+    n_workers = min(settings.worker_count(), len(todo))
+    feats = {f.name: f for f in settings.features}
+    cfg = {"interpolation": settings.interpolation, "chunk_frames": settings.chunk_frames,
+           "streams": {f.name: (f.frames, f.clip_frames) for f in settings.features if f.on_device}}
+    waiting = collections.deque(todo)
+    live: dict[int, _Video] = {}
+    writes: dict[concurrent.futures.Future, _Video] = {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="eao-extract-write")
+    bar = tqdm(total=total, initial=already, unit="video", dynamic_ncols=True,
+               desc="extract" if num_processes == 1 else f"extract {process_id + 1}/{num_processes}",
+               disable=not (settings.progress and process_id == 0))
+    t0 = time.perf_counter()
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    workers = _Workers(n_workers, cfg)
+
+    def write(item: _Video) -> None:
+        t = time.perf_counter()
+        for name in item.needs:
+            f = feats[name]
+            if f.on_device:
+                rows = item.rows[name]
+                arr = np.stack([rows[r] for r in range(len(rows))]).astype(np.float16)
+            else:
+                arr = item.end["spec"].astype(np.float16)
+            outputs.write_npz(outputs.join(settings.output, f.file(item.video.path)), f.key, arr)
+        timer.add("write", time.perf_counter() - t)
+
+    def complete(item: _Video) -> bool:
+        return item.end is not None and all(
+            len(item.rows.get(n, ())) == item.end["rows"][n] for n in item.needs if feats[n].on_device)
+
+    def take_results(results: list[tuple]) -> None:
+        for feature, rows, tags in results:
+            report["dims"].setdefault(feature, int(rows.shape[1]))
+            for (index, row), vec in zip(tags, rows, strict=True):
+                item = live.get(index)
+                if item is not None:
+                    item.rows.setdefault(feature, {})[row] = vec
+                    if complete(item):
+                        start_write(item)
+
+    def start_write(item: _Video) -> None:
+        del live[item.index]
+        writes[pool.submit(write, item)] = item
+
+    def collect_writes(wait: bool = False) -> None:
+        done = [f for f in writes if f.done() or wait]
+        for fut in done:
+            item = writes.pop(fut)
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001 (a full disk or a lost bucket is named per video)
+                fail(item, f"writing failed: {type(e).__name__}: {e}")
+            else:
+                finished[item.index] = True
+                report["extracted"] += 1
+                report["completed_partial"] += item.partial
+                report["video_seconds"] += item.end["duration"]
+                if item.end["note"]:
+                    report["notes"].append({"video": item.video.source, "path": item.video.path,
+                                            "note": item.end["note"]})
+            bar.update(1)
+            bar.set_postfix(_postfix(timer, time.perf_counter() - t0), refresh=False)
+
+    def assign() -> None:
+        for wid in workers.free_slots():
+            while waiting and len(workers.assigned[wid]) < _TASKS_PER_WORKER:
+                item = waiting.popleft()
+                live[item.index] = item
+                workers.submit(wid, item.index, item.video.source, item.needs)
+
+    def reap() -> None:
+        for current, queued, code in workers.reap():
+            if current is not None and current in live:
+                item = live.pop(current)
+                device.drop(current)
+                why = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit status {code}"
+                fail(item, f"decoder process died: {why}")
+                bar.update(1)
+            for q in reversed(queued):
+                if q in live:
+                    waiting.appendleft(live.pop(q))
+        assign()
+
+    try:
+        assign()
+        last_reap = time.monotonic()
+        while live or waiting or writes:
+            if stop.is_set():
+                raise Stopped
+            collect_writes()
+            if time.monotonic() - last_reap > 1.0:
+                last_reap = time.monotonic()
+                reap()
+            try:
+                t = time.perf_counter()
+                msg = workers.results.get(timeout=0)
+            except queue.Empty:
+                # Nothing decoded right now: run the partial batches of the videos that finished decoding
+                # (the device would idle otherwise), then wait for the workers.
+                ended = {i for i, item in live.items() if item.end is not None}
+                if ended or device.in_flight:
+                    take_results(device.flush(ended))
+                    for i in ended & set(live):  # every unit of these was run: rows cannot still come
+                        fail(live.pop(i), "error: rows missing after the device ran every batch (a bug)")
+                        bar.update(1)
+                    continue
+                if not live and not waiting:
+                    collect_writes(wait=bool(writes))
+                    continue
+                try:
+                    msg = workers.results.get(timeout=_POLL_S)
+                except queue.Empty:
+                    timer.add("input_wait", time.perf_counter() - t)
+                    continue
+                timer.add("input_wait", time.perf_counter() - t)
+            kind, index = msg[0], msg[1]
+            item = live.get(index)
+            if kind == "start" or item is None:
+                continue
+            if kind == "units":
+                feature, units = msg[2], msg[3]
+                first = item.received.get(feature, 0)
+                item.received[feature] = first + len(units)
+                take_results(device.add(feature, index, first, units))
+            elif kind == "end":
+                workers.finished(index)
+                item.end = msg[2]
+                timer.add("decode_cpu", item.end["cpu_s"])
+                if complete(item):
+                    start_write(item)
+                assign()
+            elif kind == "error":
+                workers.finished(index)
+                live.pop(index)
+                device.drop(index)
+                fail(item, msg[2])
+                bar.update(1)
+                assign()
+        collect_writes(wait=True)
+    except Stopped:
+        collect_writes(wait=True)  # files being written are finished, not left as temporaries
+        raise
+    finally:
+        workers.close()
+        pool.shutdown(wait=True)
+        bar.set_postfix(_postfix(timer, time.perf_counter() - t0), refresh=False)
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------------ the whole job
+
+
+def _merge(settings: Settings, num_processes: int) -> dict:
+    root = settings.output
+    parts = [outputs.read_json(outputs.join(root, outputs.part_name("report", p, num_processes, "json")))
+             for p in range(num_processes)]
+    paths: list[str] = []
+    for p in range(num_processes):
+        data = outputs.epath.Path(outputs.join(root, outputs.part_name("videos", p, num_processes, "csv")))
+        paths += outputs.read_list_csv(data.read_bytes())
+    merged: dict[str, Any] = {"videos": 0, "already_done": 0, "extracted": 0, "completed_partial": 0, "failed": 0,
+                              "video_seconds": 0.0}
+    for part in parts:
+        for k in merged:
+            merged[k] += part[k]
+    counts: dict[str, int] = {}
+    for part in parts:
+        for k, n in part["failure_counts"].items():
+            counts[k] = counts.get(k, 0) + n
+    dims: dict[str, int] = {}
+    for part in parts:
+        dims.update(part["dims"])
+    merged.update(
+        features=[f.name for f in settings.features], finished=len(paths), failure_counts=dict(sorted(counts.items())),
+        failures=[x for part in parts for x in part["failures"]], notes=[x for part in parts for x in part["notes"]],
+        dims=dict(sorted(dims.items())), interrupted=any(p["interrupted"] for p in parts),
+        processes=[{k: p[k] for k in ("process_id", "videos", "already_done", "extracted", "failed", "seconds",
+                                      "videos_per_hour")} for p in parts],
+        list_file=outputs.LIST_FILE)
+    outputs.write_atomic(outputs.join(root, outputs.LIST_FILE), outputs.list_csv(paths))
+    if settings.captions:
+        captions = outputs.read_captions(settings.captions)
+        vids = [p.rsplit("/", 1)[-1] for p in paths]
+        seen: dict[str, str] = {}
+        for p, v in zip(paths, vids, strict=True):
+            if v in seen:
+                raise outputs.CaptionError(f"videos {seen[v]!r} and {p!r} share the video id {v!r}, the key of "
+                                           "caption.pickle: give them distinct file names")
+            seen[v] = p
+        data, missing = outputs.caption_pickle(captions, vids)
+        outputs.write_atomic(outputs.join(root, outputs.CAPTION_FILE), data)
+        merged["caption_file"] = outputs.CAPTION_FILE
+        merged["without_captions"] = missing
+    outputs.write_json(outputs.join(root, outputs.REPORT_FILE), merged)
+    return merged
+
+
+def run(videos: Sequence[outputs.Video], settings: Settings, models: dict[str, Any], *, process_id: int = 0,
+        num_processes: int = 1, barrier: Callable[[str], None] | None = None) -> dict:
+    """Extracts `videos` (this process's block; all of them when single-process) and, on process 0,
+    merges the processes' parts. Returns the merged report on process 0, this process's elsewhere.
+    `barrier(name)` must wait for every process (required when `num_processes` > 1).
+
+    Raises `Stopped` after SIGTERM / SIGINT (its report written, marked interrupted).
+    """
+    if num_processes > 1 and barrier is None:
+        raise ValueError("a multi-process extraction needs a barrier")
+    root = settings.output
+    report, done = extract_block(videos, settings, models, process_id=process_id, num_processes=num_processes)
+    outputs.write_json(outputs.join(root, outputs.part_name("report", process_id, num_processes, "json")), report)
+    outputs.write_atomic(outputs.join(root, outputs.part_name("videos", process_id, num_processes, "csv")),
+                         outputs.list_csv(done))
+    if report["interrupted"]:
+        raise Stopped(f"stopped by a signal after {report['extracted']} videos; the report is in "
+                      f"{outputs.join(root, outputs.part_name('report', process_id, num_processes, 'json'))}; "
+                      "rerun the same command to go on")
+    if barrier is not None:
+        barrier("eao_jax extract: every process wrote its part")
+    if process_id != 0:
+        return report
+    return _merge(settings, num_processes)
