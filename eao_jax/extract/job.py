@@ -31,7 +31,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
-import queue
 import re
 import shutil
 import signal
@@ -102,20 +101,6 @@ def failure_category(reason: str) -> str:
 # ------------------------------------------------------------------------------------------------ workers
 
 
-class _ParentGone(Exception):
-    pass
-
-
-def _put(result_q: Any, msg: tuple, parent: int) -> None:
-    while True:
-        try:
-            result_q.put(msg, timeout=_POLL_S * 5)
-            return
-        except queue.Full:
-            if os.getppid() != parent:
-                raise _ParentGone from None
-
-
 def _local_copy(source: str, tmpdir: str) -> str:
     from etils import epath  # noqa: PLC0415
 
@@ -179,7 +164,7 @@ def _extract_one(source: str, needs: Sequence[str], cfg: dict, send: Callable[[t
             spec = logmel.logmel(np.concatenate(audio_parts))
         else:
             what = info.audio_note or "the audio stream holds no samples"
-            if not recipes:
+            if not streams:  # only the audio was asked for
                 raise decode.DecodeError(source, f"{what}: no audio to extract")
             spec = _silent_spectrogram(duration)
             note = (f"{what}: wrote a silent spectrogram ({spec.shape[1]} frames of 0 dB for {duration:.2f} s, what "
@@ -187,94 +172,111 @@ def _extract_one(source: str, needs: Sequence[str], cfg: dict, send: Callable[[t
     return {"rows": rows, "spec": spec, "note": note, "duration": float(duration)}
 
 
-def _worker_main(wid: int, task_q: Any, result_q: Any, parent: int, cfg: dict) -> None:
-    """A decoding process: takes (index, source, needs) tasks until None, answers on `result_q`."""
+def _worker_main(tasks: Any, results: Any, parent: int, cfg: dict) -> None:
+    """A decoding process: takes (index, source, needs) tasks from `tasks` until None, answers on `results`
+    (pipes of its own: a process that dies mid-message breaks only its own pipe)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers; Ctrl-C is for it
     try:
         while True:
-            try:
-                task = task_q.get(timeout=_POLL_S * 5)
-            except queue.Empty:
+            if not tasks.poll(_POLL_S * 5):
                 if os.getppid() != parent:
                     return
                 continue
+            task = tasks.recv()
             if task is None:
                 return
             index, source, needs = task
             cpu0 = time.process_time()
             try:
-                end = _extract_one(source, needs, cfg, lambda m, i=index: _put(result_q, (m[0], i, *m[1:]), parent))
-            except _ParentGone:
+                end = _extract_one(source, needs, cfg, lambda m, i=index: results.send((m[0], i, *m[1:])))
+            except (BrokenPipeError, EOFError, ConnectionError):
                 raise
             except decode.DecodeError as e:
-                _put(result_q, ("error", index, e.reason), parent)
+                results.send(("error", index, e.reason))
             except Exception as e:  # noqa: BLE001 (a video must never end the run: named and counted)
-                _put(result_q, ("error", index, f"error: {type(e).__name__}: {e}".splitlines()[0]), parent)
+                results.send(("error", index, f"error: {type(e).__name__}: {e}".splitlines()[0]))
             else:
                 end["cpu_s"] = time.process_time() - cpu0
-                _put(result_q, ("end", index, end), parent)
-    except (_ParentGone, KeyboardInterrupt, BrokenPipeError, EOFError):
-        return
+                results.send(("end", index, end))
+    except (KeyboardInterrupt, BrokenPipeError, EOFError, ConnectionError):
+        return  # the parent is gone or stopping
 
 
 class _Workers:
-    """The decoding processes, each with its own task queue (so a dead worker's videos are known)."""
+    """The decoding processes, each with its own task and result pipes (so a dead worker's videos are
+    known, and a message it was writing when it died cannot block the others)."""
 
     def __init__(self, count: int, cfg: dict):
         import multiprocessing  # noqa: PLC0415
 
         # spawn: the parent holds JAX's threads, which a fork would copy in an unusable state.
         self._ctx = multiprocessing.get_context("spawn")
-        self.results = self._ctx.Queue(maxsize=max(4 * count, 8))
         self._cfg = cfg
-        self._procs: list[Any] = []
-        self._tasks: list[Any] = []
-        self.assigned: list[collections.deque] = []
+        self._procs: list[Any] = [None] * count
+        self._tasks: list[Any] = [None] * count
+        self.results: list[Any] = [None] * count
+        self.assigned = [collections.deque() for _ in range(count)]
         for wid in range(count):
-            self._procs.append(None)
-            self._tasks.append(None)
-            self.assigned.append(collections.deque())
             self._start(wid)
 
     def _start(self, wid: int) -> None:
-        self._tasks[wid] = self._ctx.Queue()
-        p = self._ctx.Process(target=_worker_main, args=(wid, self._tasks[wid], self.results, os.getpid(), self._cfg),
-                              daemon=True, name=f"eao-extract-decoder-{wid}")
+        task_r, task_w = self._ctx.Pipe(duplex=False)
+        result_r, result_w = self._ctx.Pipe(duplex=False)
+        p = self._ctx.Process(target=_worker_main, args=(task_r, result_w, os.getpid(), self._cfg), daemon=True,
+                              name=f"eao-extract-decoder-{wid}")
         p.start()
-        self._procs[wid] = p
+        task_r.close()  # the child's ends: held only by the child, so its death shows as EOF here
+        result_w.close()
+        self._procs[wid], self._tasks[wid], self.results[wid] = p, task_w, result_r
 
     def free_slots(self) -> list[int]:
         return [w for w, a in enumerate(self.assigned) if len(a) < _TASKS_PER_WORKER]
 
     def submit(self, wid: int, index: int, source: str, needs: tuple[str, ...]) -> None:
         self.assigned[wid].append(index)
-        self._tasks[wid].put((index, source, needs))
+        self._tasks[wid].send((index, source, needs))
 
-    def finished(self, index: int) -> None:
-        for a in self.assigned:
-            if a and a[0] == index:
-                a.popleft()
-                return
-            if index in a:
-                a.remove(index)
-                return
+    def finished(self, wid: int, index: int) -> None:
+        if index in self.assigned[wid]:
+            self.assigned[wid].remove(index)
+
+    def receive(self, timeout: float) -> tuple[list[tuple[int, tuple]], list[tuple[int | None, list[int], int]]]:
+        """(messages (worker, message) ready within `timeout`, dead workers: (the video it was decoding,
+        its queued videos, exit code)); dead workers are restarted."""
+        from multiprocessing import connection  # noqa: PLC0415
+
+        ready = connection.wait([c for c in self.results], timeout)
+        messages, dead = [], []
+        for conn in ready:
+            wid = self.results.index(conn)
+            try:
+                messages.append((wid, conn.recv()))
+            except (EOFError, OSError):
+                dead.append(self._restart(wid))
+        return messages, dead
 
     def reap(self) -> list[tuple[int | None, list[int], int]]:
-        """Restarts dead workers; returns (the video each was decoding or None, its queued videos, exit code)."""
-        dead = []
-        for wid, p in enumerate(self._procs):
-            if p.exitcode is not None:
-                held = list(self.assigned[wid])
-                self.assigned[wid].clear()
-                dead.append((held[0] if held else None, held[1:], p.exitcode))
-                self._start(wid)
-        return dead
+        """Dead workers (as `receive`) that no pipe has reported yet."""
+        return [self._restart(w) for w, p in enumerate(self._procs) if p.exitcode is not None]
+
+    def _restart(self, wid: int) -> tuple[int | None, list[int], int]:
+        p = self._procs[wid]
+        p.join(5)
+        if p.exitcode is None:  # its pipe broke but it lives on: end it
+            p.kill()
+            p.join(5)
+        held = list(self.assigned[wid])
+        self.assigned[wid].clear()
+        self.results[wid].close()
+        self._tasks[wid].close()
+        self._start(wid)
+        return (held[0] if held else None, held[1:], p.exitcode)
 
     def close(self) -> None:
-        for q in self._tasks:
+        for conn in self._tasks:
             try:
-                q.put(None)
-            except (ValueError, OSError):
+                conn.send(None)
+            except (OSError, ValueError):
                 pass
         deadline = time.monotonic() + 5
         for p in self._procs:
@@ -283,9 +285,8 @@ class _Workers:
             if p.is_alive():
                 p.kill()
                 p.join(1)
-        self.results.cancel_join_thread()
-        for q in self._tasks:
-            q.cancel_join_thread()
+        for conn in self._tasks + self.results:
+            conn.close()
 
 
 # ------------------------------------------------------------------------------------------------ the device side
@@ -356,9 +357,10 @@ class _Device:
     def flush(self, videos: set[int] | None = None) -> list[tuple]:
         """Dispatches the partial batches holding units of `videos` (all when None) and waits for
         every batch in flight."""
+        done = []
         for key in [k for k, b in self.pending.items() if videos is None or any(v in videos for v, _, _ in b)]:
-            self._dispatch(key)
-        return [self._resolve() for _ in range(len(self.in_flight))]
+            done += self._dispatch(key)
+        return done + [self._resolve() for _ in range(len(self.in_flight))]
 
     def drop(self, video: int) -> None:
         for key in list(self.pending):
@@ -528,17 +530,42 @@ def _run(todo: list[_Video], settings: Settings, models: dict[str, Any], timer: 
                 live[item.index] = item
                 workers.submit(wid, item.index, item.video.source, item.needs)
 
-    def reap() -> None:
-        for current, queued, code in workers.reap():
+    def on_dead(dead: list[tuple[int | None, list[int], int]]) -> None:
+        for current, queued, code in dead:
             if current is not None and current in live:
                 item = live.pop(current)
                 device.drop(current)
-                why = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit status {code}"
+                why = f"killed by signal {-code} (out of memory?)" if code and code < 0 else f"exit status {code}"
                 fail(item, f"decoder process died: {why}")
                 bar.update(1)
             for q in reversed(queued):
                 if q in live:
                     waiting.appendleft(live.pop(q))
+        if dead:
+            assign()
+
+    def handle(wid: int, msg: tuple) -> None:
+        kind, index = msg[0], msg[1]
+        item = live.get(index)
+        if item is None:
+            return
+        if kind == "units":
+            feature, units = msg[2], msg[3]
+            first = item.received.get(feature, 0)
+            item.received[feature] = first + len(units)
+            take_results(device.add(feature, index, first, units))
+            return
+        workers.finished(wid, index)
+        if kind == "end":
+            item.end = msg[2]
+            timer.add("decode_cpu", item.end["cpu_s"])
+            if complete(item):
+                start_write(item)
+        else:  # "error"
+            live.pop(index)
+            device.drop(index)
+            fail(item, msg[2])
+            bar.update(1)
         assign()
 
     try:
@@ -550,11 +577,9 @@ def _run(todo: list[_Video], settings: Settings, models: dict[str, Any], timer: 
             collect_writes()
             if time.monotonic() - last_reap > 1.0:
                 last_reap = time.monotonic()
-                reap()
-            try:
-                t = time.perf_counter()
-                msg = workers.results.get(timeout=0)
-            except queue.Empty:
+                on_dead(workers.reap())
+            messages, dead = workers.receive(0)
+            if not messages and not dead:
                 # Nothing decoded right now: run the partial batches of the videos that finished decoding
                 # (the device would idle otherwise), then wait for the workers.
                 ended = {i for i, item in live.items() if item.end is not None}
@@ -567,35 +592,12 @@ def _run(todo: list[_Video], settings: Settings, models: dict[str, Any], timer: 
                 if not live and not waiting:
                     collect_writes(wait=bool(writes))
                     continue
-                try:
-                    msg = workers.results.get(timeout=_POLL_S)
-                except queue.Empty:
-                    timer.add("input_wait", time.perf_counter() - t)
-                    continue
+                t = time.perf_counter()
+                messages, dead = workers.receive(_POLL_S)
                 timer.add("input_wait", time.perf_counter() - t)
-            kind, index = msg[0], msg[1]
-            item = live.get(index)
-            if kind == "start" or item is None:
-                continue
-            if kind == "units":
-                feature, units = msg[2], msg[3]
-                first = item.received.get(feature, 0)
-                item.received[feature] = first + len(units)
-                take_results(device.add(feature, index, first, units))
-            elif kind == "end":
-                workers.finished(index)
-                item.end = msg[2]
-                timer.add("decode_cpu", item.end["cpu_s"])
-                if complete(item):
-                    start_write(item)
-                assign()
-            elif kind == "error":
-                workers.finished(index)
-                live.pop(index)
-                device.drop(index)
-                fail(item, msg[2])
-                bar.update(1)
-                assign()
+            for wid, msg in messages:
+                handle(wid, msg)
+            on_dead(dead)
         collect_writes(wait=True)
     except Stopped:
         collect_writes(wait=True)  # files being written are finished, not left as temporaries
