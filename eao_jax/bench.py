@@ -147,29 +147,6 @@ def _cycle(batches: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarra
 # Measurements
 
 
-def matmul_peak(size: int, dtype: Any, repeats: int = 3, device: Any = None) -> tuple[tuple[float, float], Any]:
-    """Dense (size x size) @ (size x size) matmul under jit on `device`, `repeats` times.
-    Returns ((best FLOP/s of the repeats, FLOP per second of process CPU time over all repeats),
-    the probe) so later probes reuse the compiled function."""
-    device = device or jax.devices()[0]
-    a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    return _probe(f, a, repeats), (f, a)
-
-
-def _probe(f, a, repeats: int) -> tuple[float, float]:
-    best = float("inf")
-    c0 = time.process_time()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    cpu = time.process_time() - c0
-    flop = 2.0 * a.shape[0] ** 3
-    return flop / best, flop * repeats / max(cpu, 1e-9)
-
-
 def _device_peak_bytes(devices: list) -> int | None:
     peaks = []
     for d in devices:
@@ -191,13 +168,6 @@ def _memory_numbers(compiled) -> dict[str, int]:
     return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": tmp,
             "generated_code_bytes": int(ma.generated_code_size_in_bytes),
             "per_device_bytes": arg + out + tmp, "per_device_bytes_net": arg + out - alias + tmp}
-
-
-def _flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older JAX: one dict per program
-        cost = cost[0]
-    return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
 def _prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -341,7 +311,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
         t0 = time.perf_counter()
         compiled = _compile(step_fn, mesh, state, first)
         compile_s = time.perf_counter() - t0
-        xla_flops = _flops_of(compiled)
+        xla_flops = flops_lib.xla_flops(compiled)
         analytic = flops_lib.train_step_flops(config)["total"]
         # XLA's cost analysis describes one device's program of the partitioned step.
         xla_total = xla_flops * (len(devices) if len(devices) > 1 else 1)
@@ -350,7 +320,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
             state, metrics = compiled(state, next(prefetch).batch)
         jax.block_until_ready((state, metrics) if warmup else state)
 
-        peak0, probe = matmul_peak(matmul_size, dtype, matmul_repeats, devices[0])
+        peak0, probe = flops_lib.matmul_peak(matmul_size, dtype, matmul_repeats, devices[0])
         probes, times, cpu_times = [peak0], [], []
         for i in range(steps):
             batch = next(prefetch).batch
@@ -360,7 +330,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
             if (i + 1) % peak_every == 0:
-                probes.append(_probe(*probe, matmul_repeats))
+                probes.append(flops_lib.probe_matmul(*probe, matmul_repeats))
         loss = float(metrics["loss"])
 
         # The same number of steps, dispatched back to back (no host synchronisation in the loop).
@@ -369,7 +339,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
             state, metrics = compiled(state, next(prefetch).batch)
         jax.block_until_ready((state, metrics))
         async_s = (time.perf_counter() - t0) / steps
-        probes.append(_probe(*probe, matmul_repeats))
+        probes.append(flops_lib.probe_matmul(*probe, matmul_repeats))
     finally:
         prefetch.close()
 

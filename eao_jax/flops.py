@@ -13,14 +13,25 @@ layers whose input is data (video / text token projections, the DAVEnet stem): n
 
     from eao_jax import flops
     f = flops.train_step_flops(config)       # {"forward": ..., "backward": ..., "total": ..., "parts": {...}}
+
+Measured counterparts, shared by the benchmarks: `xla_flops` (XLA's cost analysis of a compiled
+program) and `matmul_peak` / `probe_matmul` (the machine's dense matmul FLOP/s).
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
+
+from eao_jax.lazy import lazy_import
+
+# Imported on first use (the analytic counts need no JAX).
+jax = lazy_import("jax")
+jnp = lazy_import("jax.numpy")
 
 MODALITIES = ("text", "video", "audio")
 
@@ -150,3 +161,39 @@ def train_step_flops(config: ml_collections.ConfigDict, batch_size: int | None =
             no_input_grad += 2 * b * n_tokens[mod] * in_dims[mod] * int(m.embed_dim)
     backward = 2 * forward - no_input_grad
     return {"forward": forward, "backward": backward, "total": forward + backward, "parts": parts}
+
+
+# ------------------------------------------------------------------------------------------------
+# Measured
+
+
+def xla_flops(compiled: Any) -> float:
+    """FLOPs of a compiled program by XLA's cost analysis (one device's program when partitioned)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older JAX: one dict per program
+        cost = cost[0]
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def matmul_peak(size: int, dtype: Any, repeats: int = 3, device: Any = None) -> tuple[tuple[float, float], Any]:
+    """Dense (size x size) @ (size x size) matmul under jit on `device`, `repeats` times.
+    Returns ((best FLOP/s of the repeats, FLOP per second of process CPU time over all repeats),
+    the probe) so later probes reuse the compiled function: `probe_matmul(*probe, repeats)`."""
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    return probe_matmul(f, a, repeats), (f, a)
+
+
+def probe_matmul(f: Any, a: Any, repeats: int) -> tuple[float, float]:
+    """(best FLOP/s, FLOP per process CPU second) of `repeats` runs of the probe `f(a, a)`."""
+    best = float("inf")
+    c0 = time.process_time()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    cpu = time.process_time() - c0
+    flop = 2.0 * a.shape[0] ** 3
+    return flop / best, flop * repeats / max(cpu, 1e-9)

@@ -102,7 +102,7 @@ def test_memory_only_on_fake_devices_accounts_for_the_arguments():
 
 
 def _xla_flops(fn, *args) -> float:
-    return bench._flops_of(jax.jit(fn).lower(*args).compile())
+    return flops.xla_flops(jax.jit(fn).lower(*args).compile())
 
 
 def test_analytic_flops_agree_with_xla_cost_analysis():
@@ -137,7 +137,7 @@ def test_analytic_flops_agree_with_xla_cost_analysis():
     shardings = train.state_shardings(abstract, mesh, config)
     step = train.make_train_step(config, mesh, graphdef, shardings)
     batch = {k: jax.ShapeDtypeStruct(s, t) for k, (s, t) in batch_contract.batch_shapes(config).items()}
-    xla = bench._flops_of(step.lower(parallel.with_shardings(abstract, shardings), batch).compile())
+    xla = flops.xla_flops(step.lower(parallel.with_shardings(abstract, shardings), batch).compile())
     analytic = flops.train_step_flops(config)["total"]
     # The analytic count leaves out element-wise work, which XLA counts: a little below, never above.
     assert analytic <= xla <= 1.08 * analytic

@@ -120,6 +120,9 @@ def test_rotation_metadata_is_applied():
     # becomes the bottom rows.
     frame = out["2d"][0].astype(int)
     assert np.ptp(frame[-40:], axis=-1).max() <= 12 and np.ptp(frame[:40], axis=-1).max() > 100
+    # Other angles go through ffmpeg's `rotate` filter, the frame size kept (frames: the fixture test).
+    info = VideoDecoder(FIXTURES / "rot30.mp4").info
+    assert (info.width, info.height, info.rotation) == (64, 48, 330)
 
 
 def test_short_video_gives_one_row():
@@ -183,6 +186,23 @@ def test_truncated_files(tmp_path):
     _refused(tmp_path / "cut.mp4", r"truncated: video decoded to 0\.\d\d s of the 2\.00 s")
 
 
+def test_extreme_aspect_ratio(tmp_path):
+    path = make_video(tmp_path / "strip.mp4", seconds=0.2, size=(16, 200))
+    _refused(path, r"frame size 16x200: aspect ratio beyond 10:1")
+
+
+def test_rejected_packets_are_skipped_and_counted(tmp_path):
+    data = bytearray((FIXTURES / "plain.mp4").read_bytes())
+    data[20000:23000] = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    decoder = VideoDecoder(tmp_path / "damaged.mp4")
+    counts = {}
+    for chunk in decoder:
+        counts[chunk.stream] = counts.get(chunk.stream, 0) + len(chunk.data)
+    assert counts["2d"] == 2 and counts["3d"] == 48
+    assert decoder.skipped_packets["video"] > 0 and decoder.skipped_packets["audio"] > 0
+
+
 def test_audio_only_file(tmp_path):
     path = tmp_path / "speech.m4a"
     with av.open(path, "w") as out:
@@ -210,6 +230,9 @@ def test_paths_with_spaces_unicode_and_relative(tmp_path, monkeypatch):
     info, out = decode_video(relative, audio=False)
     assert info.path == str(relative)
     _assert_frames_equal(out["2d"], EXPECTED["plain.mp4"]["2d"], "relative unicode path")
+    for name in ("http:clip.mp4", "concat:clip.mp4|other.mp4"):  # local files, not FFmpeg protocols
+        shutil.copy(FIXTURES / "plain.mp4", tmp_path / name)
+        _assert_frames_equal(decode_video(name, audio=False)[1]["2d"], EXPECTED["plain.mp4"]["2d"], name)
     (tmp_path / "my videos" / "broken ü.mp4").write_bytes(b"")
     _refused(pathlib.Path("my videos") / "broken ü.mp4", "empty file")
 
@@ -248,6 +271,14 @@ def test_audio_is_16k_mono_mean_of_channels(tmp_path):
     assert abs(np.argmax(spectrum) * 16000 / len(body) - 250.0) < 1.0
     amplitude = np.sqrt(2) * body.std()
     assert amplitude == pytest.approx(0.5 * 3.5 / 6, rel=0.02)
+
+
+def test_integer_pcm_audio_is_scaled(tmp_path):
+    path = make_video(tmp_path / "pcm.mkv", seconds=1.0, audio=("stereo", 32000), audio_codec="pcm_s16le",
+                      audio_tone=500.0)
+    info, out = decode_video(path, {})
+    assert info.audio_codec == "pcm_s16le"
+    assert np.sqrt(2) * out["audio"][800:-800].std() == pytest.approx(0.5 * 1.5 / 2, rel=0.01)
 
 
 def test_audio_of_a_real_video():

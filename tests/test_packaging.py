@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # The libraries whose APIs the code follows closely: each needs a floor and a cap.
 CORE = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets", "ml-collections",
-        "chex")
+        "chex", "av")
 
 
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")

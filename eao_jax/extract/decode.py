@@ -9,16 +9,17 @@ The frames are the ones the reference extractor got from the ffmpeg command line
   start as the command line measures it, is rounded to the output rate's tick; output tick n shows the
   last frame whose tick is <= n; ticks repeat a frame when the source is slower; the last frame lasts
   until the rounded end of its duration. Ticks before the first video frame show the first output frame
-  (the command line's constant-frame-rate output for rawvideo pads them so; ffmpeg 4.x, which the
-  reference ran; ffmpeg 5.1 also drops the last frame of such a video). One deviation: a video so short
+  (the command line's constant-frame-rate output for rawvideo pads them so, in ffmpeg 4.2 as in 5.1;
+  5.1 also drops the last frame of such a video). One deviation: a video so short
   that the rule gives no frame (under half an output tick) gives its one frame, where the reference
   gave an empty array and dropped the video.
 - Scaling runs the same `scale` filter (libswscale) in a libavfilter graph, with the command line's
   default interpolation, bicubic (`interpolation` sets another). The output size comes from the displayed
   frame size (after rotation) by `output_size`; the sample aspect ratio is ignored, as the reference did.
 - Rotation metadata (display matrix) is applied as the command line's autorotation does (transpose for
-  ±90°, both flips for 180°, `rotate` otherwise). The reference took the scale size from the stored
-  (unrotated) size and so squashed rotated videos; here the size follows the rotated frame.
+  ±90°, both flips for 180°, `rotate` for other angles; mirroring in the matrix is ignored, as ffmpeg 4.2
+  ignores it). The reference took the scale size from the stored (unrotated) size and so squashed
+  videos turned by 90°; here the size follows the rotated frame.
 
 Audio is decoded from the same pass, its channels averaged with equal weights (as `sox ... channels 1`
 does, which the reference audio recipe ran; libswresample's own downmix weights 5.1 channels unequally)
@@ -36,9 +37,11 @@ import math
 import os
 import resource
 import time
+import types
 from collections.abc import Iterator, Mapping
 from fractions import Fraction
 
+import av
 import numpy as np
 
 INTERPOLATIONS = ("bicubic", "bilinear", "fast_bilinear", "neighbor", "area", "bicublin", "gauss", "sinc",
@@ -59,7 +62,8 @@ class FrameRecipe:
 
 FRAMES_2D = FrameRecipe(fps=1, short_side=224)
 FRAMES_3D = FrameRecipe(fps=24, short_side=112, crop=True)
-DEFAULT_RECIPES = {"2d": FRAMES_2D, "3d": FRAMES_3D}
+DEFAULT_RECIPES = types.MappingProxyType({"2d": FRAMES_2D, "3d": FRAMES_3D})
+MAX_ASPECT = 10  # a longer side over 10 times the shorter is refused: its 2D frames would be huge
 
 
 class DecodeError(Exception):
@@ -150,6 +154,18 @@ class FpsSelector:
         return count
 
 
+def _display_rotation(frame: av.VideoFrame) -> float:
+    """The counter-clockwise rotation of the frame's display matrix in degrees, as av_display_rotation_get
+    computes it (PyAV's `rotation` rounds it to whole degrees)."""
+    if av.sidedata.sidedata.Type.DISPLAYMATRIX not in frame.side_data:
+        return 0.0
+    m = np.frombuffer(bytes(frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]), "<i4") / 65536.0
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return 0.0
+    return -math.degrees(math.atan2(m[1] / scale1, m[0] / scale0))
+
+
 def _rotation_filters(rotation_ccw: float) -> list[tuple[str, str | None]]:
     """The filters ffmpeg's command line inserts for a display matrix (autorotate)."""
     theta = -rotation_ccw
@@ -186,8 +202,6 @@ class _Scaler:
         self._graph = None
 
     def _build(self, frame) -> None:
-        import av  # noqa: PLC0415
-
         graph = av.filter.Graph()
         graph.threads = self.threads
         src = graph.add("buffer", video_size=f"{frame.width}x{frame.height}", pix_fmt=str(frame.format.name),
@@ -208,10 +222,7 @@ class _Scaler:
             self._build(frame)
             self._key = key
         self._graph.push(frame)
-        out = self._graph.pull().to_ndarray()
-        if out.shape != self.shape:
-            raise AssertionError(f"scaled frame {out.shape}, expected {self.shape}")
-        return out
+        return self._graph.pull().to_ndarray()
 
 
 class _Frames:
@@ -251,14 +262,13 @@ class VideoDecoder:
     chunk_frames / chunk_samples: the most frames / audio samples one chunk holds.
 
     Packets the decoders reject are skipped, as ffmpeg's command line skips them, and counted in
-    `skipped_packets` ({"video": n, "audio": n}) for the caller to report.
+    `skipped_packets` ({"video": n, "audio": n}) for the caller to report; `decoded_frames` counts the
+    video frames decoded.
     """
 
     def __init__(self, path: os.PathLike | str, recipes: Mapping[str, FrameRecipe] = DEFAULT_RECIPES, *,
                  audio: bool = True, interpolation: str = "bicubic", threads: int = 1, chunk_frames: int = 32,
                  chunk_samples: int = 8 * AUDIO_RATE):
-        import av  # noqa: PLC0415
-
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r}: one of {', '.join(INTERPOLATIONS)}")
         self.path = os.fspath(path)
@@ -269,6 +279,7 @@ class VideoDecoder:
         self.chunk_samples = chunk_samples
         self._iterated = False
         self.skipped_packets = {"video": 0, "audio": 0}
+        self.decoded_frames = 0
         if not os.path.exists(self.path):
             raise DecodeError(self.path, "no such file")
         if os.path.isdir(self.path):
@@ -276,7 +287,9 @@ class VideoDecoder:
         if os.path.getsize(self.path) == 0:
             raise DecodeError(self.path, "empty file (0 bytes)")
         try:
-            self._container = av.open(self.path, metadata_errors="ignore")
+            # "file:" and the whitelist: a name like "concat:a|b" or "http:x" is a local file, never a protocol.
+            self._container = av.open(f"file:{self.path}", options={"protocol_whitelist": "file"},
+                                      metadata_errors="ignore")
         except av.error.FFmpegError as e:
             raise DecodeError(self.path, f"not a readable media file ({_ffmpeg_reason(e)})") from None
         try:
@@ -335,26 +348,28 @@ class VideoDecoder:
             self._first = self._decode_video(None)
             if not self._first:
                 raise DecodeError(self.path, "no video frame could be decoded")
-        rotation = self._first[0].rotation
+        rotation = _display_rotation(self._first[0])
         self._rotation = _rotation_filters(rotation)
         width, height = self._first[0].width, self._first[0].height
         if any(name == "transpose" for name, _ in self._rotation):
             width, height = height, width
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise DecodeError(self.path, f"frame size {width}x{height}: aspect ratio beyond {MAX_ASPECT}:1")
         self.info = VideoInfo(
             path=self.path, codec=vctx.name, pix_fmt=self._first[0].format.name, width=width, height=height,
             rotation=round(-rotation) % 360, frame_rate=self._video.average_rate, duration=duration,
             audio_codec=audio_codec, audio_channels=channels, audio_rate=rate, audio_note=audio_note)
 
     def _decode_video(self, packet) -> list:
-        import av  # noqa: PLC0415
-
         try:
-            return self._video.decode(packet)
+            frames = self._video.decode(packet)
         except av.error.EOFError:
             return []  # already flushed by the demuxer's end-of-stream packet
         except av.error.FFmpegError:
             self.skipped_packets["video"] += 1
             return []
+        self.decoded_frames += len(frames)
+        return frames
 
     def __enter__(self) -> VideoDecoder:
         return self
@@ -371,12 +386,12 @@ class VideoDecoder:
         self._iterated = True
         try:
             yield from self._chunks()
+        except av.error.FFmpegError as e:
+            raise DecodeError(self.path, f"decoding failed ({_ffmpeg_reason(e)})") from None
         finally:
             self.close()
 
     def _chunks(self) -> Iterator[Chunk]:
-        import av  # noqa: PLC0415
-
         tb = self._video.time_base
         start = _rescale_near(self._start.numerator, Fraction(1, self._start.denominator), tb)
         outs = []
@@ -422,14 +437,11 @@ class VideoDecoder:
         for packet in self._pending:
             yield from audio_samples(packet)
         self._pending = []
-        try:
-            for packet in self._packets:
-                if packet.stream is self._video:
-                    yield from video(self._decode_video(packet))
-                else:
-                    yield from audio_samples(packet)
-        except av.error.FFmpegError as e:
-            raise DecodeError(self.path, f"reading failed ({_ffmpeg_reason(e)})") from None
+        for packet in self._packets:
+            if packet.stream is self._video:
+                yield from video(self._decode_video(packet))
+            else:
+                yield from audio_samples(packet)
         yield from video(self._decode_video(None))
         if audio is not None:
             yield from audio_samples(None)
@@ -455,14 +467,12 @@ class _AudioMono:
     """Decodes an audio stream to mono (plain mean of the channels) float32 at AUDIO_RATE."""
 
     def __init__(self, stream, threads: int):
-        import av  # noqa: PLC0415
-
         self.stream = stream
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE, threads=threads)
+        self.threads = threads
+        self.resampler = None
+        self.rate = None
 
     def decode(self, packet, skipped: dict[str, int]) -> Iterator[np.ndarray]:
-        import av  # noqa: PLC0415
-
         try:
             frames = self.stream.decode(packet)
         except av.error.EOFError:
@@ -471,17 +481,35 @@ class _AudioMono:
             skipped["audio"] += 1
             frames = []
         for frame in frames:
+            if frame.sample_rate != self.rate:  # a new resampler when the rate changes mid-stream
+                yield from self._flush()
+                self.rate = frame.sample_rate
+                self.resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE,
+                                                   threads=self.threads)
             data = frame.to_ndarray()
             if not frame.format.is_planar:
                 data = data.reshape(-1, len(frame.layout.channels)).T
-            mono = data.astype(np.float32).mean(axis=0, dtype=np.float32)[None]
+            mono = _as_float(data).mean(axis=0, dtype=np.float32)[None]
             mono_frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono), format="flt", layout="mono")
             mono_frame.sample_rate = frame.sample_rate
             for out in self.resampler.resample(mono_frame):
                 yield out.to_ndarray()[0]
         if packet is None:
+            yield from self._flush()
+
+    def _flush(self) -> Iterator[np.ndarray]:
+        if self.resampler is not None:
             for out in self.resampler.resample(None):
                 yield out.to_ndarray()[0]
+
+
+def _as_float(data: np.ndarray) -> np.ndarray:
+    """Samples as float32 in [-1, 1] (integer formats scaled as FFmpeg converts them)."""
+    if data.dtype == np.uint8:
+        return (data.astype(np.float32) - 128) / 128
+    if data.dtype.kind == "i":
+        return data.astype(np.float32) / 2 ** (8 * data.dtype.itemsize - 1)
+    return data.astype(np.float32)
 
 
 def _ffmpeg_reason(e: Exception) -> str:
@@ -515,7 +543,7 @@ def bench_decode(path: os.PathLike | str, recipes: Mapping[str, FrameRecipe] = D
         info = decoder.info
     usage1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall0
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    source_frames = round((info.duration or 0) * float(info.frame_rate or 0))
+    source_frames = decoder.decoded_frames
     return {
         "path": os.fspath(path), "size": f"{info.width}x{info.height}", "threads": threads,
         "cpu_s": cpu, "wall_s": wall, "source_frames": source_frames,

@@ -212,20 +212,27 @@ def torch_key(path: tuple) -> str:
     return f"{prefix}{_SHORTCUT_KEYS.get(module, module)}.{'weight' if leaf == 'kernel' else _BN_KEYS[leaf]}"
 
 
+def _torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    # Our kernels are (*k, in, out), torch's (out, in, *k).
+    return (shape[-1], shape[-2], *shape[:-2]) if path[-1] == "kernel" else shape
+
+
+def torch_layout(spec: Spec) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys and shapes of the network `spec` describes (the classifier `fc` and
+    BatchNorm's `num_batches_tracked` left out); nothing is allocated."""
+    state = nnx.state(nnx.eval_shape(lambda: ResNet(spec, rngs=nnx.Rngs(0))))
+    return {torch_key(path): _torch_shape(path, tuple(var.shape)) for path, var in nnx.to_flat_state(state)}
+
+
 def build(sd: StateDict, ndim: int, stem_stride: tuple[int, ...]) -> ResNet:
     """A ResNet holding the state dict's weights; WeightsError naming any missing, mis-shaped or
     unexpected entry (the classifier `fc` and BatchNorm's `num_batches_tracked` are not used)."""
     spec = infer_spec(sd, ndim, stem_stride)
-    abstract = nnx.eval_shape(lambda: ResNet(spec, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: ResNet(spec, rngs=nnx.Rngs(0))))
     flat = {}
     for path, var in nnx.to_flat_state(state):
-        key, shape = torch_key(path), tuple(var.shape)
-        if path[-1] == "kernel":  # ours (*k, in, out) <- torch (out, in, *k)
-            w = sd.take(key, (shape[-1], shape[-2], *shape[:-2]))
-            flat[path] = jnp.asarray(np.transpose(w, (*range(2, w.ndim), 1, 0)))
-        else:
-            flat[path] = jnp.asarray(sd.take(key, shape))
+        w = sd.take(torch_key(path), _torch_shape(path, tuple(var.shape)))
+        flat[path] = jnp.asarray(np.transpose(w, (*range(2, w.ndim), 1, 0)) if path[-1] == "kernel" else w)
     sd.skip(k for k in sd.state if k.startswith("fc.") or k.endswith(".num_batches_tracked"))
     sd.finish()
     nnx.replace_by_pure_dict(state, _nest(flat))

@@ -66,6 +66,12 @@ class Runner:
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
         return self._run(self._state, jax.device_put(x, self._batch_sharding)), n
 
+    def lower(self, item_shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        """The jitted call lowered for one full batch of `item_shape` rows (for XLA's cost and
+        memory analysis: `.compile().cost_analysis()`)."""
+        x = jax.ShapeDtypeStruct((self.batch_size, *item_shape), dtype, sharding=self._batch_sharding)
+        return self._run.lower(self._state, x)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.shape[0] == 0:

@@ -34,6 +34,7 @@ VIDEOS = {
     "slow_10fps.mp4": dict(seconds=3.0, fps=10),
     "ntsc.mp4": dict(seconds=2.0, fps=30000 / 1001),
     "rot90.mp4": dict(seconds=1.5, rotation=90),
+    "rot30.mp4": dict(seconds=1.0, rotation=30),
     "odd_vp9.webm": dict(seconds=1.5, size=(321, 241), codec="libvpx-vp9"),
     "yuv420p10.mp4": dict(seconds=1.5, pix_fmt="yuv420p10le"),
     "av1.mp4": dict(seconds=1.5, codec="libsvtav1"),
