@@ -14,7 +14,6 @@ import os
 
 import numpy as np
 import torch_format
-from flax import nnx
 
 from eao_jax.extract import features, frames, resnet
 
@@ -25,16 +24,12 @@ def tiny_state_dict(ndim: int, seed: int, out: int = DIM) -> dict[str, np.ndarra
     stem = (2, 2) if ndim == 2 else (1, 2, 2)
     spec = resnet.Spec(ndim=ndim, stem_width=4, stem_stride=stem, groups=1, stages=(
         resnet.Stage(1, 2, 4), resnet.Stage(1, 2, 6), resnet.Stage(1, 4, 8), resnet.Stage(1, 4, out)))
-    state = nnx.state(nnx.eval_shape(lambda: resnet.ResNet(spec, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
     sd = {}
-    for path, var in nnx.to_flat_state(state):
-        shape = tuple(var.shape)
-        key = resnet.torch_key(path)
-        if path[-1] == "kernel":
-            shape = (shape[-1], shape[-2], *shape[:-2])  # torch's (out, in, *k)
+    for key, shape in resnet.torch_layout(spec).items():
+        if key.endswith(".weight") and len(shape) > 1:  # a conv kernel, torch's (out, in, *k)
             sd[key] = (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32)
-        elif path[-1] in ("scale", "var"):
+        elif key.endswith((".weight", ".running_var")):
             sd[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
         else:
             sd[key] = (0.1 * rng.standard_normal(shape)).astype(np.float32)

@@ -144,6 +144,30 @@ def test_scan_finds_files_and_leftover_temporaries(tmp_path):
     assert outputs.temp_target(temps[0]) == "features/a/a_3d.npz"
 
 
+@pytest.mark.parametrize("window, n, chunk", [
+    (features.Window(16, 16), 36, 5), (features.Window(16, 16), 32, 32), (features.Window(16, 16), 3, 2),
+    (features.Window(32, 16, "repeat"), 40, 7), (features.Window(32, 16, "repeat"), 1, 1),
+    (features.Window(32, 16, "repeat"), 64, 64), (features.Window(), 5, 2)])
+def test_streamed_windows_equal_the_whole_video_rule(window, n, chunk):
+    frames_ = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 3, 3), np.uint8)
+    w = job._Windows(window)
+    parts = [w.add(frames_[i:i + chunk]) for i in range(0, n, chunk)] + [w.finish()]
+    got = np.concatenate([p for p in parts if p is not None])
+    if window.frames == 1:
+        np.testing.assert_array_equal(got, frames_)
+        return
+    starts = np.arange(0, n, window.stride)  # ceil(n / stride) rows, as s3d.windows and the 3D recipe
+    idx = starts[:, None] + np.arange(window.frames)[None]
+    if window.pad == "repeat":
+        want = frames_[np.minimum(idx, n - 1)]
+    else:
+        want = np.concatenate([frames_, np.zeros((idx.max() + 1 - n, 2, 3, 3), np.uint8)])[idx]
+        np.testing.assert_array_equal(frames.clips_3d(frames_), frames.normalize(want.astype(np.float32),
+                                                                                  frames.KINETICS_MEAN, (1, 1, 1)))
+    np.testing.assert_array_equal(got, want)
+    assert w.rows == len(want) and len(w.buf) <= window.frames + chunk
+
+
 def test_failure_categories():
     assert job.failure_category("empty file (0 bytes)") == "empty file"
     assert job.failure_category("truncated: video decoded to 0.96 s of the 2.00 s") == "truncated"

@@ -19,15 +19,31 @@ from eao_jax.extract import decode
 
 
 @dataclasses.dataclass(frozen=True)
+class Window:
+    """Rows from frames: windows of `frames` frames starting every `stride` frames while a window starts
+    inside the video (ceil(n / stride) rows); the last ones reach past the end and are completed with
+    black frames (`pad="zeros"`, as the 3D recipe pads before its mean) or the last frame repeated
+    (`pad="repeat"`). `frames=1`: a row per frame, no window axis."""
+
+    frames: int = 1
+    stride: int = 1
+    pad: str = "zeros"
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.stride < 1 or self.pad not in ("zeros", "repeat"):
+            raise ValueError(f"bad window {self}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Feature:
     """One feature type.
 
     name: its `--features` value. subdir / suffix / key: `<output>/<subdir>/<path>/<vid><suffix>`,
-    npz key. frames: the decoded frames it reads (None: the audio, made on the host). clip_frames:
-    frames per row (1: a row per frame; 16: non-overlapping 16-frame clips, the last padded with
-    black frames, as the 3D recipe pads). apply: `(model, uint8 frames or clips as floats) -> (B, D)`
-    rows, jit-able. load: checkpoint file -> model. checkpoint_flag: the command-line flag naming it.
-    prepare_config: the `prepare --dataset=howto100m` config whose slot it fills, and `slot` that slot.
+    npz key. frames: the decoded frames it reads (None: the audio, made on the host). window: how the
+    frames make rows (a row per frame by default). apply: `(model, uint8 frames (B, H, W, 3) or windows
+    (B, T, H, W, 3)) -> (B, D)` rows, jit-able. load: checkpoint file -> model. checkpoint_flag: the
+    command-line flag naming it. prepare_config: the `prepare --dataset=howto100m` config whose slot it
+    fills, and `slot` that slot.
     """
 
     name: str
@@ -35,7 +51,7 @@ class Feature:
     suffix: str
     key: str
     frames: decode.FrameRecipe | None = None
-    clip_frames: int = 1
+    window: Window = dataclasses.field(default_factory=lambda: Window())
     apply: Callable[[Any, Any], Any] | None = None
     load: Callable[[str], Any] | None = None
     checkpoint_flag: str | None = None
@@ -52,18 +68,29 @@ class Feature:
         return self.frames is not None
 
 
+def _as_input(model: Any, x: Any) -> Any:
+    """Normalised pixels in the dtype of the network's first kernel (bfloat16 runs cast there)."""
+    return x.astype(model.conv1.kernel[...].dtype)
+
+
 def _apply_2d(model: Any, frames: Any) -> Any:
-    from eao_jax.extract import frames as recipe  # noqa: PLC0415 (JAX only when a backbone runs)
+    import jax.numpy as jnp  # noqa: PLC0415 (JAX only when a backbone runs)
+
+    from eao_jax.extract import frames as recipe  # noqa: PLC0415
     from eao_jax.extract import resnet  # noqa: PLC0415
 
-    return resnet.features(model, recipe.normalize(frames / 255.0, recipe.IMAGENET_MEAN, recipe.IMAGENET_STD))
+    x = recipe.normalize(frames.astype(jnp.float32) / 255.0, recipe.IMAGENET_MEAN, recipe.IMAGENET_STD)
+    return resnet.features(model, _as_input(model, x))
 
 
 def _apply_3d(model: Any, clips: Any) -> Any:
+    import jax.numpy as jnp  # noqa: PLC0415
+
     from eao_jax.extract import frames as recipe  # noqa: PLC0415
     from eao_jax.extract import resnext  # noqa: PLC0415
 
-    return resnext.features(model, recipe.normalize(clips, recipe.KINETICS_MEAN, (1.0, 1.0, 1.0)))
+    x = recipe.normalize(clips.astype(jnp.float32), recipe.KINETICS_MEAN, (1.0, 1.0, 1.0))
+    return resnext.features(model, _as_input(model, x))
 
 
 def _load_2d(path: str) -> Any:
@@ -100,7 +127,7 @@ def _local(path: str) -> str:
 FEATURES: dict[str, Feature] = {f.name: f for f in (
     Feature("2d", "features", "_2d.npz", "features", frames=decode.FRAMES_2D, apply=_apply_2d, load=_load_2d,
             checkpoint_flag="checkpoint_2d", prepare_config="resnet", slot="2d"),
-    Feature("3d", "features", "_3d.npz", "features", frames=decode.FRAMES_3D, clip_frames=16, apply=_apply_3d,
+    Feature("3d", "features", "_3d.npz", "features", frames=decode.FRAMES_3D, window=Window(16, 16), apply=_apply_3d,
             load=_load_3d, checkpoint_flag="checkpoint_3d", prepare_config="resnet", slot="3d"),
     Feature("audio", "audio_features", "_spec.npz", "arr_0"),
 )}

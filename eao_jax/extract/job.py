@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from eao_jax.extract import decode, logmel, outputs
-from eao_jax.extract.features import AUDIO, Feature
+from eao_jax.extract.features import AUDIO, Feature, Window
 
 _POLL_S = 0.2  # how often a blocked wait checks that the workers (or the parent) are alive
 _TASKS_PER_WORKER = 2  # one decoding, one queued: a worker never waits for its next video
@@ -117,44 +117,75 @@ def _silent_spectrogram(seconds: float) -> np.ndarray:
     return logmel.logmel(np.zeros(samples, np.int16))
 
 
+class _Windows:
+    """Streams one feature's rows out of its frames (`features.Window`), holding only the frames a
+    window still needs."""
+
+    def __init__(self, window: Window):
+        self.w = window
+        self.buf: np.ndarray | None = None
+        self.base = 0  # frame index of buf[0]
+        self.next = 0  # start frame of the next window
+        self.rows = 0
+
+    def add(self, frames: np.ndarray) -> np.ndarray | None:
+        w = self.w
+        if w.frames == 1 and w.stride == 1:
+            self.rows += len(frames)
+            return frames
+        self.buf = frames if self.buf is None else np.concatenate([self.buf, frames])
+        starts = []
+        while self.next + w.frames <= self.base + len(self.buf):
+            starts.append(self.next - self.base)
+            self.next += w.stride
+        out = np.stack([self.buf[s:s + w.frames] for s in starts]) if starts else None
+        keep = min(self.next - self.base, len(self.buf))
+        self.buf, self.base = self.buf[keep:], self.base + keep
+        self.rows += len(starts)
+        return out
+
+    def finish(self) -> np.ndarray | None:
+        """The windows that reach past the end, completed as `Window.pad` says."""
+        w = self.w
+        if self.buf is None or not len(self.buf):
+            return None
+        end = self.base + len(self.buf)
+        out = []
+        while self.next < end:
+            part = self.buf[self.next - self.base:]
+            fill = part[-1:] if w.pad == "repeat" else np.zeros_like(part[:1])
+            out.append(np.concatenate([part, np.repeat(fill, w.frames - len(part), axis=0)]))
+            self.next += w.stride
+        self.rows += len(out)
+        return np.stack(out) if out else None
+
+
 def _extract_one(source: str, needs: Sequence[str], cfg: dict, send: Callable[[tuple], None]) -> dict:
     """Decodes one video, sending ("units", feature, array) messages; returns the end summary.
-    `cfg["streams"]`: feature name -> (its decode.FrameRecipe, frames per row) of the device features."""
+    `cfg["streams"]`: feature name -> (its decode.FrameRecipe, its features.Window) of the device features."""
     streams = cfg["streams"]
     recipes = {n: streams[n][0] for n in needs if n in streams}
+    windows = {n: _Windows(streams[n][1]) for n in recipes}
     want_audio = AUDIO in needs
-    rows = {name: 0 for name in recipes}
-    leftover: dict[str, np.ndarray] = {}
     audio_parts: list[np.ndarray] = []
+    frames_seen = {name: 0 for name in recipes}
     with tempfile.TemporaryDirectory(prefix="eao_extract_") as tmp:
         path = _local_copy(source, tmp) if outputs.is_remote(source) else source
         with decode.VideoDecoder(path, recipes, audio=want_audio, interpolation=cfg["interpolation"], threads=1,
                                  chunk_frames=cfg["chunk_frames"]) as decoder:
             info = decoder.info
-            frames_seen = {name: 0 for name in recipes}
             for chunk in decoder:
                 if chunk.stream == "audio":
                     audio_parts.append(logmel.to_mono_16k(chunk.data[None], logmel.SAMPLE_RATE))
                     continue
-                name = chunk.stream
-                clip_frames = streams[name][1]
-                frames_seen[name] += len(chunk.data)
-                units = chunk.data
-                if clip_frames > 1:
-                    if name in leftover:
-                        units = np.concatenate([leftover.pop(name), units])
-                    whole = len(units) // clip_frames * clip_frames
-                    if whole < len(units):
-                        leftover[name] = units[whole:]
-                    units = units[:whole].reshape(-1, clip_frames, *units.shape[1:])
-                if len(units):
-                    send(("units", name, units))
-                    rows[name] += len(units)
-        for name, rest in leftover.items():  # the last clip, padded with black frames (the recipe's zeros)
-            clip_frames = streams[name][1]
-            pad = np.zeros((clip_frames - len(rest), *rest.shape[1:]), np.uint8)
-            send(("units", name, np.concatenate([rest, pad])[None]))
-            rows[name] += 1
+                frames_seen[chunk.stream] += len(chunk.data)
+                units = windows[chunk.stream].add(chunk.data)
+                if units is not None and len(units):
+                    send(("units", chunk.stream, units))
+        for name, w in windows.items():
+            units = w.finish()
+            if units is not None:
+                send(("units", name, units))
     duration = info.duration
     if duration is None or duration <= 0:
         duration = max((n / recipes[k].fps for k, n in frames_seen.items()), default=0.0)
@@ -169,7 +200,7 @@ def _extract_one(source: str, needs: Sequence[str], cfg: dict, send: Callable[[t
             spec = _silent_spectrogram(duration)
             note = (f"{what}: wrote a silent spectrogram ({spec.shape[1]} frames of 0 dB for {duration:.2f} s, what "
                     "the recipe gives a silent track) beside the video features")
-    return {"rows": rows, "spec": spec, "note": note, "duration": float(duration)}
+    return {"rows": {n: w.rows for n, w in windows.items()}, "spec": spec, "note": note, "duration": float(duration)}
 
 
 def _worker_main(tasks: Any, results: Any, parent: int, cfg: dict) -> None:
@@ -457,7 +488,7 @@ def _run(todo: list[_Video], settings: Settings, models: dict[str, Any], timer: 
     n_workers = min(settings.worker_count(), len(todo))
     feats = {f.name: f for f in settings.features}
     cfg = {"interpolation": settings.interpolation, "chunk_frames": settings.chunk_frames,
-           "streams": {f.name: (f.frames, f.clip_frames) for f in settings.features if f.on_device}}
+           "streams": {f.name: (f.frames, f.window) for f in settings.features if f.on_device}}
     waiting = collections.deque(todo)
     live: dict[int, _Video] = {}
     writes: dict[concurrent.futures.Future, _Video] = {}
