@@ -9,6 +9,10 @@ allow-list instead: tensor rebuilds (`torch._utils._rebuild_tensor_v2` and its v
 storages, `collections.OrderedDict`, numpy scalars / dtypes and the builtin containers and
 primitives pickle itself encodes. Anything else is refused with `UnsafePickleError` naming it. Tensors
 come back as numpy arrays (bfloat16 widened to float32); the containers as dicts, lists, tuples.
+
+A TorchScript archive (`torch.jit.save`) is the same zip plus the module's code: its `data.pkl` names
+the module classes (`__torch__.<...>`). With `torchscript=True` each such object is read as a
+`ScriptModuleState`, a dict of its tensors and submodules; the archive's code is never read.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ TORCH_DTYPES: dict[str, Any] = {
     "int32": np.int32, "int": np.int32, "int16": np.int16, "short": np.int16, "int8": np.int8,
     "uint8": np.uint8, "bool": np.bool_,
 }
+
+
+class ScriptModuleState(dict):
+    """A TorchScript module object (`__torch__.*` class) as `{attribute: array | ScriptModuleState}`:
+    its tensors and submodules; other attributes (flags, numbers) are dropped and no code is run."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.update((k, v) for k, v in state.items() if isinstance(v, np.ndarray | ScriptModuleState))
 
 
 class _StorageType:
@@ -147,11 +160,14 @@ _BUILTINS = {"set": set, "frozenset": frozenset, "complex": complex, "slice": sl
 
 class _Unpickler(pickle.Unpickler):
     def __init__(self, file: IO[bytes], load_storage: Callable[[tuple], _Storage], source: str, *,
-                 deferred: bool = False):
+                 deferred: bool = False, torchscript: bool = False):
         super().__init__(file)
         self._load_storage, self._source, self._deferred = load_storage, source, deferred
+        self._torchscript = torchscript
 
     def find_class(self, module: str, name: str):
+        if self._torchscript and module.startswith("__torch__."):
+            return ScriptModuleState
         if self._deferred and module == "torch._utils" and name.startswith("_rebuild_tensor"):
             return _defer(_REBUILDS[(module, name)]) if (module, name) in _REBUILDS else self._refuse(module, name)
         if (module, name) in _REBUILDS:
@@ -183,7 +199,7 @@ def _check_storage_type(t: Any, source: str) -> _StorageType:
     return t
 
 
-def _load_zip(zf: zipfile.ZipFile, source: str) -> Any:
+def _load_zip(zf: zipfile.ZipFile, source: str, torchscript: bool = False) -> Any:
     names = zf.namelist()
     pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     if len(pkl) != 1:
@@ -204,7 +220,7 @@ def _load_zip(zf: zipfile.ZipFile, source: str) -> Any:
         return cache[key]
 
     with zf.open(pkl[0]) as f:
-        return _Unpickler(io.BytesIO(f.read()), load_storage, source).load()
+        return _Unpickler(io.BytesIO(f.read()), load_storage, source, torchscript=torchscript).load()
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -278,8 +294,9 @@ def _resolve(obj: Any) -> Any:
     return obj
 
 
-def load(path_or_file: str | os.PathLike | IO[bytes]) -> Any:
+def load(path_or_file: str | os.PathLike | IO[bytes], *, torchscript: bool = False) -> Any:
     """The object `torch.save` wrote, with tensors as numpy arrays; see the module docstring.
+    `torchscript=True` also reads a `torch.jit.save` archive's module objects (`ScriptModuleState`).
 
     Raises FileNotFoundError, UnsafePickleError (the file names anything but tensors and plain
     containers) or TorchFormatError (not a torch.save file).
@@ -287,15 +304,15 @@ def load(path_or_file: str | os.PathLike | IO[bytes]) -> Any:
     if isinstance(path_or_file, str | os.PathLike):
         source = os.fspath(path_or_file)
         with open(source, "rb") as f:
-            return _load_file(f, source)
-    return _load_file(path_or_file, getattr(path_or_file, "name", "<stream>"))
+            return _load_file(f, source, torchscript)
+    return _load_file(path_or_file, getattr(path_or_file, "name", "<stream>"), torchscript)
 
 
-def _load_file(f: IO[bytes], source: str) -> Any:
+def _load_file(f: IO[bytes], source: str, torchscript: bool = False) -> Any:
     data = f.read()
     if zipfile.is_zipfile(io.BytesIO(data)):
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            return _load_zip(zf, source)
+            return _load_zip(zf, source, torchscript)
     return _load_legacy(io.BytesIO(data), source)
 
 

@@ -9,6 +9,7 @@ hundreds of MB of a ResNet-152.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,7 @@ class Runner:
       model: an NNX module (eval mode).
       apply: `(model, x (B, ...)) -> (B, ...)`, pure; the result is returned as float32 numpy.
       batch_size: rows per device call (rounded up to a multiple of the local device count).
-      compute_dtype: `jnp.bfloat16` on accelerators casts parameters and inputs (float32: exact).
+      compute_dtype: `jnp.bfloat16` on accelerators casts parameters and floating inputs (float32: exact).
       devices: default all local devices.
     """
 
@@ -47,12 +48,13 @@ class Runner:
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         graphdef, state = nnx.split(model)
         replicated = NamedSharding(self.mesh, P())
+        self._graphdef, self._replicated = graphdef, replicated
         self._state = jax.device_put(state, replicated)
         self._batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
 
         def run(state, x):
             m = nnx.merge(graphdef, cast_floats(state, compute_dtype))
-            return apply(m, x.astype(compute_dtype)).astype(jnp.float32)
+            return apply(m, cast_floats(x, compute_dtype)).astype(jnp.float32)  # token ids stay integers
 
         self._run = jax.jit(run, in_shardings=(replicated, self._batch_sharding), out_shardings=self._batch_sharding)
 
@@ -81,3 +83,41 @@ class Runner:
             out, n = self.dispatch(x[start:start + self.batch_size])
             outs.append(np.asarray(out)[:n])
         return np.concatenate(outs)
+
+    def load(self, model: nnx.Module) -> None:
+        """Runs `model`'s weights from now on: the same architecture and shapes, so the compiled
+        program is reused."""
+        graphdef, state = nnx.split(model)
+        shapes = [jnp.shape(x) for x in jax.tree.leaves(state)]
+        if graphdef != self._graphdef or shapes != [jnp.shape(x) for x in jax.tree.leaves(self._state)]:
+            raise ValueError("Runner.load: the model differs from the one this runner was built for")
+        self._state = jax.device_put(state, self._replicated)
+
+    def flops_per_batch(self, row_shape: tuple[int, ...], dtype: Any) -> float:
+        """XLA's cost analysis of one call on a batch of rows of `row_shape` / `dtype` (the lowered
+        program, all devices together: nothing is compiled)."""
+        x = jax.ShapeDtypeStruct((self.batch_size, *row_shape), dtype, sharding=self._batch_sharding)
+        cost = self._run.lower(self._state, x).cost_analysis()
+        if isinstance(cost, list | tuple):  # older JAX: one dict per program
+            cost = cost[0]
+        return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def measure(runner: Runner, x: np.ndarray, repeats: int = 3) -> dict[str, float]:
+    """Throughput of `runner` on `x` (whole batches): one untimed call (compilation), then the best of
+    `repeats` timed calls. Returns rows_per_s, seconds_per_batch, compile_s (the first call),
+    flops_per_row (XLA's cost analysis) and achieved_flops_per_s."""
+    x = np.asarray(x)
+    t0 = time.perf_counter()
+    runner(x)
+    compile_s = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner(x)
+        best = min(best, time.perf_counter() - t0)
+    flops_per_row = runner.flops_per_batch(x.shape[1:], x.dtype) / runner.batch_size
+    n_batches = -(-x.shape[0] // runner.batch_size)
+    rows_per_s = x.shape[0] / best
+    return {"rows_per_s": rows_per_s, "seconds_per_batch": best / n_batches, "compile_s": compile_s,
+            "flops_per_row": flops_per_row, "achieved_flops_per_s": flops_per_row * rows_per_s}

@@ -3,7 +3,8 @@
 `load_state_dict` reads a `.pth` into a flat `{key: np.ndarray}`; `StateDict` hands its entries to a
 converter one key at a time, checking each shape, and `finish` names every key no converter took, so
 a checkpoint of another architecture (or a truncated one) is refused by name instead of loading
-half its weights.
+half its weights. `fill_nnx` fills an (abstract) NNX module from a `StateDict` whose keys follow the
+module's attribute paths (`torch_key`), moving Linear and Conv weights to Flax's layouts.
 """
 
 from __future__ import annotations
@@ -57,14 +58,16 @@ def unwrap(obj: Any, source: str) -> dict[str, np.ndarray]:
     return state
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A `.pth` (zip or legacy `torch.save`) as `{key: np.ndarray}`; its code is never run."""
+def load_state_dict(path: str | os.PathLike, *, torchscript: bool = False) -> dict[str, np.ndarray]:
+    """A `.pth` (zip or legacy `torch.save`) as `{key: np.ndarray}`; its code is never run.
+    `torchscript=True` also reads a `torch.jit.save` archive: its modules' tensors, keyed by attribute
+    path as in the module's `state_dict()`."""
     from eao_jax import torch_pickle  # noqa: PLC0415 (keeps --help light)
 
     source = os.fspath(path)
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such checkpoint file")
-    return unwrap(torch_pickle.load(source), source)
+    return unwrap(torch_pickle.load(source, torchscript=torchscript), source)
 
 
 class StateDict:
@@ -107,3 +110,43 @@ class StateDict:
         if key not in self.state:
             raise WeightsError(f"{self.source}: missing entry {key!r}")
         return self.state[key]
+
+
+# NNX leaf name -> the PyTorch parameter or buffer it comes from.
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "mean": "running_mean",
+               "var": "running_var"}
+
+
+def torch_key(path: tuple) -> str:
+    """The PyTorch key of an NNX state path whose module attributes are named as the PyTorch modules
+    (list indices as Sequential's "0", "1", ...): ('mixed_3b', 'conv_b0', 'bn1', 'var') ->
+    'mixed_3b.conv_b0.bn1.running_var'."""
+    *modules, leaf = (str(p) for p in path)
+    return ".".join([*modules, _TORCH_LEAF.get(leaf, leaf)])
+
+
+def fill_nnx(model: Any, sd: StateDict, key_of: Any = torch_key) -> Any:
+    """`model` (an NNX module, typically abstract from `nnx.eval_shape`) with every array taken from
+    `sd` at `key_of(path)`: a `kernel` of rank 2 is a transposed Linear weight (out, in), one of rank
+    k + 2 a Conv weight (out, in, *window) moved to (*window, in, out); any other leaf keeps its
+    shape. Each shape is checked (WeightsError naming the key); `sd.finish()` is left to the caller."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    arrays = {}
+    for path, var in flat:
+        shape = tuple(var.get_value().shape)
+        key = key_of(path)
+        if path[-1] == "kernel" and len(shape) == 2:
+            value = sd.take(key, shape[::-1]).T
+        elif path[-1] == "kernel" and len(shape) > 2:
+            torch_shape = (shape[-1], shape[-2], *shape[:-2])
+            value = np.moveaxis(sd.take(key, torch_shape), (0, 1), (-1, -2))
+        else:
+            value = sd.take(key, shape)
+        arrays[path] = jnp.asarray(np.ascontiguousarray(value), var.get_value().dtype)
+    for path, var in flat:  # only once every key was found and checked
+        var.set_value(arrays[path])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
