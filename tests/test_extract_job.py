@@ -177,14 +177,20 @@ def test_failure_categories():
 
 def test_feature_registry_parsing_and_prepare_configs():
     assert [f.name for f in features.parse("audio, 3D,2d")] == ["2d", "3d", "audio"]  # registry order
-    with pytest.raises(ValueError, match=r"--features: unknown feature type 'i3d' \(known: 2d, 3d, audio"):
+    with pytest.raises(ValueError, match=r"--features: unknown feature type 'i3d' \(known: 2d, 3d, s3d, clip, audio\)"):
         features.parse("2d,i3d")
     with pytest.raises(ValueError, match="name at least one of"):
         features.parse(" , ")
     assert features.prepare_config(features.parse("2d,3d,audio")) == "resnet"
+    assert features.prepare_config(features.parse("clip,s3d,3d,2d,audio")) == "resnet"
+    assert features.prepare_config(features.parse("s3d,audio")) == "s3d"
+    assert features.prepare_config(features.parse("clip,audio,3d")) == "clip"
     with pytest.raises(ValueError, match=r"--features=2d,3d does not make a HowTo100M dataset; prepare needs "
-                                         r"one of: resnet: 2d,3d,audio"):
+                                         r"one of: resnet: 2d,3d,audio; s3d: audio,s3d; clip: audio,clip"):
         features.prepare_config(features.parse("2d,3d"))
+    assert [f.file("a/b") for f in features.FEATURES.values()] == [
+        "features/a/b/b_2d.npz", "features/a/b/b_3d.npz", "new_s3d_features/a/b/b.npz", "clip_features/a/b/b_2d.npz",
+        "audio_features/a/b/b_spec.npz"]
 
 
 def test_captions_in_json_csv_and_pickle(tmp_path):
@@ -531,7 +537,8 @@ def test_cli_errors_are_one_line(tmp_path, twenty):
         ((f"--videos={root}", f"--output={tmp_path}/o", "--features=2d,audio", f"--checkpoint_2d={tmp_path}/x.pth"),
          f"extract: {tmp_path}/x.pth: checkpoint file not found"),
         ((f"--videos={root}", f"--output={tmp_path}/o", "--features=audio", f"--then_prepare={tmp_path}/t"),
-         "extract: --features=audio does not make a HowTo100M dataset; prepare needs one of: resnet: 2d,3d,audio"),
+         "extract: --features=audio does not make a HowTo100M dataset; prepare needs one of: resnet: 2d,3d,audio; "
+         "s3d: audio,s3d; clip: audio,clip"),
     ]
     for args, line in cases:
         proc = subprocess.run(_cli(*args), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -582,3 +589,48 @@ def test_extract_prepare_embed_end_to_end(tiny, tmp_path, data_dir):
     assert {"tv_embed", "ta_embed", "va_embed", "video_embed", "audio_embed", "text_embed"} <= set(got)
     for k, v in got.items():
         assert np.isfinite(v).all(), k
+
+
+def test_s3d_and_clip_feature_types(tiny, tmp_path, data_dir):
+    """S3D (16 fps, 256 x 256 crop, 32-frame windows every 16 frames) and CLIP (1 fps, centre 224 x 224)
+    from the same decode as the 2D features, equal to the backbones' own extractors."""
+    import jax
+    import torch_format
+
+    from eao_jax.extract import clip, s3d, weights
+
+    _, (p2, _) = tiny
+    video = tmp_path / "v" / "talk.mp4"
+    make_video(video, seconds=1.5, size=(80, 48), audio=("mono", 16000))
+    fixtures = data_dir / "extract"
+    args = (f"--videos={video.parent}", "--features=2d,clip,s3d,audio", f"--checkpoint_2d={p2}",
+            f"--checkpoint_s3d={fixtures / 's3d_small.pth'}")
+    with pytest.raises(ValueError) as e:
+        features.FEATURES["clip"].load(str(fixtures / "clip_tiny.pth"))
+    assert str(e.value) == (f"{fixtures / 'clip_tiny.pth'}: a CLIP for 16x16 images; the clip feature type decodes "
+                            "frames with short side 224, as ViT-B/32's preprocessing")
+    # The tiny CLIP with ViT-B/32's input: 32 x 32 patches on a 7 x 7 grid (224 x 224).
+    state = weights.load_state_dict(fixtures / "clip_tiny.pth")
+    rng = np.random.default_rng(0)
+    state["visual.conv1.weight"] = (0.02 * rng.standard_normal((64, 3, 32, 32))).astype(np.float16)
+    state["visual.positional_embedding"] = (0.1 * rng.standard_normal((50, 64))).astype(np.float16)
+    clip_224 = tmp_path / "clip_224.pth"
+    torch_format.save(state, clip_224)
+    out = tmp_path / "out"
+    proc = subprocess.run(_cli(*args, f"--output={out}", f"--checkpoint_clip={clip_224}"),
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--config=resnet" not in proc.stdout  # 2d without 3d: the CLIP config (CLIP in the 2D slot)
+    assert "--dataset=howto100m --config=s3d" in proc.stdout
+    s3d_recipe = features.FEATURES["s3d"].frames
+    _, dec = decode.decode_video(video, {"2d": decode.FRAMES_2D, "s3d": s3d_recipe}, audio=False)
+    one = jax.local_devices()[:1]
+    want_clip = clip.Extractor(clip.load(clip_224), devices=one).image(dec["2d"])
+    want_s3d = s3d.Extractor(s3d.load(fixtures / "s3d_small.pth"), devices=one).video(s3d.windows(dec["s3d"]))
+    for got, want in ((_load(out / "clip_features/talk/talk_2d.npz"), want_clip),
+                      (_load(out / "new_s3d_features/talk/talk.npz"), want_s3d["mixed_5c"])):
+        want = want / np.linalg.norm(want, axis=1, keepdims=True)
+        assert got.dtype == np.float16 and got.shape == want.shape
+        np.testing.assert_allclose(got.astype(np.float32), want, atol=1e-3)
+    assert want_s3d["mixed_5c"].shape[0] == 2 and len(dec["s3d"]) == 24  # 24 frames at 16 fps: 2 windows
+    assert _load(out / "features/talk/talk_2d.npz").shape[0] == want_clip.shape[0] == 2

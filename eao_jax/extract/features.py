@@ -93,6 +93,43 @@ def _apply_3d(model: Any, clips: Any) -> Any:
     return resnext.features(model, _as_input(model, x))
 
 
+def _l2(x: Any) -> Any:
+    from eao_jax.extract import resnet  # noqa: PLC0415
+
+    return resnet.l2_normalize(x)
+
+
+def _apply_s3d(model: Any, windows: Any) -> Any:
+    """S3D's `mixed_5c` (1024-d, EAO's S3D features) of uint8 windows (the network scales them to [0, 1])."""
+    return _l2(model(windows)[0])
+
+
+def _apply_clip(model: Any, frames: Any) -> Any:
+    """CLIP's image features of uint8 frames whose short side is 224: the centre crop as CLIP's
+    preprocessing (torchvision's CenterCrop offsets), then the network (which normalises uint8 input)."""
+    r = model.resolution
+    h, w = frames.shape[1:3]
+    top, left = int(round((h - r) / 2.0)), int(round((w - r) / 2.0))
+    return _l2(model(frames[:, top:top + r, left:left + r]))
+
+
+def _load_s3d(path: str) -> Any:
+    from eao_jax.extract import s3d  # noqa: PLC0415
+
+    return s3d.load(_local(path)).video_net
+
+
+def _load_clip(path: str) -> Any:
+    from eao_jax.extract import clip  # noqa: PLC0415
+
+    visual = clip.load(_local(path)).visual
+    size = FEATURES["clip"].frames.short_side
+    if visual.resolution != size:
+        raise ValueError(f"{path}: a CLIP for {visual.resolution}x{visual.resolution} images; the clip feature type "
+                         f"decodes frames with short side {size}, as ViT-B/32's preprocessing")
+    return visual
+
+
 def _load_2d(path: str) -> Any:
     from eao_jax.extract import resnet  # noqa: PLC0415
 
@@ -129,6 +166,14 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             checkpoint_flag="checkpoint_2d", prepare_config="resnet", slot="2d"),
     Feature("3d", "features", "_3d.npz", "features", frames=decode.FRAMES_3D, window=Window(16, 16), apply=_apply_3d,
             load=_load_3d, checkpoint_flag="checkpoint_3d", prepare_config="resnet", slot="3d"),
+    # EAO's S3D variant: 1024-d mixed_5c, one per second (16 fps, 256 x 256 centre crop, 32-frame windows
+    # every 16 frames); released as new_s3d_features/<path>/<vid>.npz.
+    Feature("s3d", "new_s3d_features", ".npz", "features", frames=decode.FrameRecipe(fps=16, short_side=256, crop=True),
+            window=Window(32, 16, "repeat"), apply=_apply_s3d, load=_load_s3d, checkpoint_flag="checkpoint_s3d",
+            prepare_config="s3d", slot="3d"),
+    # EAO's CLIP variant: 512-d ViT-B/32 image features, one frame per second.
+    Feature("clip", "clip_features", "_2d.npz", "features", frames=decode.FrameRecipe(fps=1, short_side=224),
+            apply=_apply_clip, load=_load_clip, checkpoint_flag="checkpoint_clip", prepare_config="clip", slot="2d"),
     Feature("audio", "audio_features", "_spec.npz", "arr_0"),
 )}
 AUDIO = "audio"
@@ -151,13 +196,13 @@ def prepare_config(features: tuple[Feature, ...]) -> str:
     """The `prepare --dataset=howto100m` config these features make: every slot of one config plus the
     audio; a ValueError naming what is missing otherwise."""
     names = {f.name for f in features}
-    configs = {f.prepare_config for f in features if f.prepare_config}
-    for config in sorted(configs):
+    configs = list(dict.fromkeys(f.prepare_config for f in features if f.prepare_config))  # registry order
+    for config in configs:
         need = {f.name for f in FEATURES.values() if f.prepare_config == config} | {AUDIO}
         if need <= names:
             return config
     options = "; ".join(
         f"{c}: {','.join(sorted({f.name for f in FEATURES.values() if f.prepare_config == c} | {AUDIO}))}"
-        for c in sorted({f.prepare_config for f in FEATURES.values() if f.prepare_config}))
+        for c in dict.fromkeys(f.prepare_config for f in FEATURES.values() if f.prepare_config))
     raise ValueError(f"--features={','.join(sorted(names))} does not make a HowTo100M dataset; prepare needs "
                      f"one of: {options}")

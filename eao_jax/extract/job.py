@@ -164,8 +164,13 @@ def _extract_one(source: str, needs: Sequence[str], cfg: dict, send: Callable[[t
     """Decodes one video, sending ("units", feature, array) messages; returns the end summary.
     `cfg["streams"]`: feature name -> (its decode.FrameRecipe, its features.Window) of the device features."""
     streams = cfg["streams"]
-    recipes = {n: streams[n][0] for n in needs if n in streams}
-    windows = {n: _Windows(streams[n][1]) for n in recipes}
+    fan: dict[str, list[str]] = {}  # decoded stream -> the features reading it (2D and CLIP share theirs)
+    first: dict[decode.FrameRecipe, str] = {}
+    for n in needs:
+        if n in streams:
+            fan.setdefault(first.setdefault(streams[n][0], n), []).append(n)
+    recipes = {n: streams[n][0] for n in fan}
+    windows = {n: _Windows(streams[n][1]) for names in fan.values() for n in names}
     want_audio = AUDIO in needs
     audio_parts: list[np.ndarray] = []
     frames_seen = {name: 0 for name in recipes}
@@ -179,9 +184,10 @@ def _extract_one(source: str, needs: Sequence[str], cfg: dict, send: Callable[[t
                     audio_parts.append(logmel.to_mono_16k(chunk.data[None], logmel.SAMPLE_RATE))
                     continue
                 frames_seen[chunk.stream] += len(chunk.data)
-                units = windows[chunk.stream].add(chunk.data)
-                if units is not None and len(units):
-                    send(("units", chunk.stream, units))
+                for name in fan[chunk.stream]:
+                    units = windows[name].add(chunk.data)
+                    if units is not None and len(units):
+                        send(("units", name, units))
         for name, w in windows.items():
             units = w.finish()
             if units is not None:
