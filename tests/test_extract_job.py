@@ -603,7 +603,7 @@ def test_s3d_and_clip_feature_types(tiny, tmp_path, data_dir):
     video = tmp_path / "v" / "talk.mp4"
     make_video(video, seconds=1.5, size=(80, 48), audio=("mono", 16000))
     fixtures = data_dir / "extract"
-    args = (f"--videos={video.parent}", "--features=2d,clip,s3d,audio", f"--checkpoint_2d={p2}",
+    args = (f"--videos={video.parent}", "--features=2d,clip,s3d,audio", "--batch_size=2", f"--checkpoint_2d={p2}",
             f"--checkpoint_s3d={fixtures / 's3d_small.pth'}")
     with pytest.raises(ValueError) as e:
         features.FEATURES["clip"].load(str(fixtures / "clip_tiny.pth"))
