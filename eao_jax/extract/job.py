@@ -32,6 +32,7 @@ import concurrent.futures
 import dataclasses
 import os
 import re
+import resource
 import shutil
 import signal
 import tempfile
@@ -234,6 +235,7 @@ def _worker_main(tasks: Any, results: Any, parent: int, cfg: dict) -> None:
                 results.send(("error", index, f"error: {type(e).__name__}: {e}".splitlines()[0]))
             else:
                 end["cpu_s"] = time.process_time() - cpu0
+                end["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 results.send(("end", index, end))
     except (KeyboardInterrupt, BrokenPipeError, EOFError, ConnectionError):
         return  # the parent is gone or stopping
@@ -436,7 +438,7 @@ def extract_block(videos: Sequence[outputs.Video], settings: Settings, models: d
                   process_id: int = 0, num_processes: int = 1) -> tuple[dict, list[str]]:
     """Extracts this process's block of `videos`; returns (its report, the block's finished paths in
     list order). See the module docstring."""
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     start, stop = outputs.process_block(len(videos), process_id, num_processes)
     block = list(videos[start:stop])
     root = settings.output
@@ -460,7 +462,7 @@ def extract_block(videos: Sequence[outputs.Video], settings: Settings, models: d
         "process_id": process_id, "num_processes": num_processes, "videos": len(block), "first_video": start,
         "features": [f.name for f in feats], "already_done": already, "extracted": 0, "completed_partial": 0,
         "failed": 0, "failure_counts": {}, "failures": [], "notes": [], "video_seconds": 0.0, "dims": {},
-        "interrupted": False}
+        "worker_peak_rss_mib": 0.0, "interrupted": False}
     finished = [False] * len(block)
     for i, v in enumerate(block):
         finished[i] = all(f.file(v.path) in existing for f in feats)
@@ -479,7 +481,8 @@ def extract_block(videos: Sequence[outputs.Video], settings: Settings, models: d
             report["interrupted"] = True
     report["dims"] = {k: v for k, v in sorted(report["dims"].items())}
     wall = time.perf_counter() - t_start
-    report["seconds"] = {"wall": wall, **{k: round(v, 3) for k, v in sorted(timer.seconds.items())}}
+    report["seconds"] = {"wall": round(wall, 3), "main_cpu": round(time.process_time() - cpu_start, 3),
+                         **{k: round(v, 3) for k, v in sorted(timer.seconds.items())}}
     report["videos_per_hour"] = report["extracted"] * 3600 / wall if wall > 0 else 0.0
     done_paths = [v.path for v, ok in zip(block, finished, strict=True) if ok]
     return report, done_paths
@@ -596,6 +599,7 @@ def _run(todo: list[_Video], settings: Settings, models: dict[str, Any], timer: 
         if kind == "end":
             item.end = msg[2]
             timer.add("decode_cpu", item.end["cpu_s"])
+            report["worker_peak_rss_mib"] = max(report["worker_peak_rss_mib"], round(item.end["peak_rss_mib"], 1))
             if complete(item):
                 start_write(item)
         else:  # "error"
@@ -676,7 +680,7 @@ def _merge(settings: Settings, num_processes: int) -> dict:
         failures=[x for part in parts for x in part["failures"]], notes=[x for part in parts for x in part["notes"]],
         dims=dict(sorted(dims.items())), interrupted=any(p["interrupted"] for p in parts),
         processes=[{k: p[k] for k in ("process_id", "videos", "already_done", "extracted", "failed", "seconds",
-                                      "videos_per_hour")} for p in parts],
+                                      "videos_per_hour", "worker_peak_rss_mib")} for p in parts],
         list_file=outputs.LIST_FILE)
     outputs.write_atomic(outputs.join(root, outputs.LIST_FILE), outputs.list_csv(paths))
     if settings.captions:
