@@ -210,6 +210,19 @@ def _extract_one(source: str, needs: Sequence[str], cfg: dict, send: Callable[[t
     return {"rows": {n: w.rows for n, w in windows.items()}, "spec": spec, "note": note, "duration": float(duration)}
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory: Linux's VmHWM (getrusage's maxrss would count the parent's
+    pages that the fork before a spawn's exec shared), else maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _worker_main(tasks: Any, results: Any, parent: int, cfg: dict) -> None:
     """A decoding process: takes (index, source, needs) tasks from `tasks` until None, answers on `results`
     (pipes of its own: a process that dies mid-message breaks only its own pipe)."""
@@ -235,7 +248,7 @@ def _worker_main(tasks: Any, results: Any, parent: int, cfg: dict) -> None:
                 results.send(("error", index, f"error: {type(e).__name__}: {e}".splitlines()[0]))
             else:
                 end["cpu_s"] = time.process_time() - cpu0
-                end["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                end["peak_rss_mib"] = _peak_rss_mib()
                 results.send(("end", index, end))
     except (KeyboardInterrupt, BrokenPipeError, EOFError, ConnectionError):
         return  # the parent is gone or stopping
