@@ -229,6 +229,13 @@ def test_misshaped_entry_named(state3d, key, shape, expected):
     assert f"{key} has shape {shape}, expected {expected}" in _error(resnext.from_state_dict, state)
 
 
+def test_non_finite_entry_named(state2d):
+    state = dict(state2d)
+    state["layer3.0.bn2.running_var"] = state["layer3.0.bn2.running_var"].copy()
+    state["layer3.0.bn2.running_var"][5] = np.nan
+    assert "layer3.0.bn2.running_var holds NaN or Inf values" in _error(resnet.from_state_dict, state)
+
+
 def test_wrong_kind_of_network_named(state2d, state3d):
     """A 2D state dict given as the 3D one (and back) is refused at conv1.weight's shape."""
     assert "conv1.weight has shape (64, 3, 7, 7), expected 5 dimensions" in _error(resnext.from_state_dict, state2d)
@@ -289,6 +296,15 @@ def test_clips_3d_pads_before_the_mean(n, clips):
     np.testing.assert_array_equal(flat[n:], np.broadcast_to(-mean, flat[n:].shape))  # padding frames hold -mean
 
 
+def test_recipe_rates():
+    """1 feature per second for 2D, 24 / 16 = 1.5 for 3D (the benchmark's accounting is checked
+    against these in test_bench_command_prints_numbers)."""
+    assert frames.RECIPE_2D.fps / frames.RECIPE_2D.frames_per_feature == 1.0
+    assert frames.RECIPE_3D.fps / frames.RECIPE_3D.frames_per_feature == 1.5
+    assert (frames.RECIPE_2D.size, frames.RECIPE_2D.center_crop) == (224, False)
+    assert (frames.RECIPE_3D.size, frames.RECIPE_3D.center_crop) == (112, True)
+
+
 @pytest.mark.parametrize("bad", [np.zeros((2, 8, 8, 3), np.float32), np.zeros((8, 8, 3), np.uint8),
                                  np.zeros((2, 8, 8, 4), np.uint8), np.zeros((0, 8, 8, 3), np.uint8)])
 def test_bad_frames_refused(bad):
@@ -314,9 +330,10 @@ def test_bench_command_prints_numbers():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(res["backbones"]) == {"resnet152", "resnext101"} and res["tiny"] is True
-    for name, unit in (("resnet152", "frame"), ("resnext101", "clip")):
+    for name, unit, recipe in (("resnet152", "frame", frames.RECIPE_2D), ("resnext101", "clip", frames.RECIPE_3D)):
         r = res["backbones"][name]
-        assert r["unit"] == unit and len(r["times_s"]) == 2
+        assert r["unit"] == unit and len(r["times_s"]) == 2 and r["recipe"] == recipe.name
+        assert r["units_per_video_second"] == recipe.fps / recipe.frames_per_feature
         for key in ("flops_per_unit", "units_per_s", "achieved_flops_per_s", "peak_fraction", "peak_fraction_cpu_time",
                     "flops_per_video_second"):
             assert r[key] > 0, (name, key)

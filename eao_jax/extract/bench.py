@@ -26,6 +26,7 @@ video_seconds_per_s}}, matmul_peak_flops_per_cpu_s, recipe_flops_per_video_secon
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -87,17 +88,6 @@ BACKBONES: dict[str, Backbone] = {
     # The S3D, CLIP and log-mel recipes add their backbones here (recipes "s3d", "clip", "audio").
 }
 DTYPES = ("float32", "bfloat16")
-
-_BACKBONES = flags.DEFINE_list("backbones", list(BACKBONES), f"Which backbones to time: {', '.join(BACKBONES)}.")
-_BATCH = flags.DEFINE_integer("batch", None, "Units per call (default per backbone: "
-                              + ", ".join(f"{k} {v.batch}" for k, v in BACKBONES.items()) + ").")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per backbone (the median counts).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", DTYPES, "Compute dtype (bfloat16 for accelerators).")
-_TINY = flags.DEFINE_boolean("tiny", False, "Reduced instances (one narrow block per stage): a quick check "
-                             "that the command works, not a measurement of the real backbones.")
-_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul of the peak probe.")
-_MATMUL_REPEATS = flags.DEFINE_integer("matmul_repeats", 3, "Matmuls per probe (the best counts).")
-
 
 def time_backbone(name: str, *, batch: int | None = None, repeats: int = 3, dtype: str = "float32",
                   tiny: bool = False, probe: Any = None, matmul_repeats: int = 3) -> dict[str, Any]:
@@ -166,12 +156,29 @@ def run_benchmark(names: list[str], *, batch: int | None = None, repeats: int = 
             "recipe_flops_per_video_second": recipes}
 
 
-def main(argv: list[str]) -> None:
+def _define_flags() -> dict[str, flags.FlagHolder]:
+    # Defined only when run as a program, so that importing this module (for BACKBONES or
+    # run_benchmark) never clashes with another tool's flags of the same name.
+    return {
+        "backbones": flags.DEFINE_list("backbones", list(BACKBONES),
+                                       f"Which backbones to time: {', '.join(BACKBONES)}."),
+        "batch": flags.DEFINE_integer("batch", None, "Units per call (default per backbone: "
+                                      + ", ".join(f"{k} {v.batch}" for k, v in BACKBONES.items()) + ")."),
+        "repeats": flags.DEFINE_integer("repeats", 3, "Timed calls per backbone (the median counts)."),
+        "dtype": flags.DEFINE_enum("dtype", "float32", DTYPES, "Compute dtype (bfloat16 for accelerators)."),
+        "tiny": flags.DEFINE_boolean("tiny", False, "Reduced instances (one narrow block per stage): a quick check "
+                                     "that the command works, not a measurement of the real backbones."),
+        "matmul_size": flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul of the peak probe."),
+        "matmul_repeats": flags.DEFINE_integer("matmul_repeats", 3, "Matmuls per probe (the best counts)."),
+    }
+
+
+def main(options: dict[str, flags.FlagHolder], argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        res = run_benchmark(_BACKBONES.value, batch=_BATCH.value, repeats=_REPEATS.value, dtype=_DTYPE.value,
-                            tiny=_TINY.value, matmul_size=_MATMUL_SIZE.value, matmul_repeats=_MATMUL_REPEATS.value)
+        values = {name: holder.value for name, holder in options.items()}
+        res = run_benchmark(values.pop("backbones"), **values)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -189,4 +196,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(functools.partial(main, _define_flags()))

@@ -225,13 +225,17 @@ def torch_layout(spec: Spec) -> dict[str, tuple[int, ...]]:
 
 
 def build(sd: StateDict, ndim: int, stem_stride: tuple[int, ...]) -> ResNet:
-    """A ResNet holding the state dict's weights; WeightsError naming any missing, mis-shaped or
-    unexpected entry (the classifier `fc` and BatchNorm's `num_batches_tracked` are not used)."""
+    """A ResNet holding the state dict's weights; WeightsError naming any missing, mis-shaped,
+    non-finite or unexpected entry (the classifier `fc` and BatchNorm's `num_batches_tracked` are
+    not used)."""
     spec = infer_spec(sd, ndim, stem_stride)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: ResNet(spec, rngs=nnx.Rngs(0))))
     flat = {}
     for path, var in nnx.to_flat_state(state):
-        w = sd.take(torch_key(path), _torch_shape(path, tuple(var.shape)))
+        key = torch_key(path)
+        w = sd.take(key, _torch_shape(path, tuple(var.shape)))
+        if not np.isfinite(w).all():  # would only surface later as NaN features
+            raise WeightsError(f"{sd.source}: {key} holds NaN or Inf values")
         flat[path] = jnp.asarray(np.transpose(w, (*range(2, w.ndim), 1, 0)) if path[-1] == "kernel" else w)
     sd.skip(k for k in sd.state if k.startswith("fc.") or k.endswith(".num_batches_tracked"))
     sd.finish()
