@@ -493,6 +493,39 @@ def test_kill_9_then_rerun_gives_the_same_bytes_and_extracts_nothing_twice(twent
     assert not list(out.rglob("*.tmp"))
 
 
+def test_sigterm_stops_cleanly_with_one_line_and_a_report(twenty, tmp_path):
+    root, ref, p2 = twenty
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli(f"--videos={root}", f"--output={out}", "--features=2d,audio", f"--checkpoint_2d={p2}"),
+                            env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("features/**/*_2d.npz")):
+        time.sleep(0.01)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)  # the main process only, as a scheduler's preemption notice
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("extract: stopped by a signal after ") and lines[0].endswith(
+        "; rerun the same command to go on")
+    part = json.loads((out / "extract_parts" / "report-00000-of-00001.json").read_text())
+    assert part["interrupted"] and part["extracted"] >= 1 and not (out / "extract_report.json").exists()
+    assert not list(out.rglob("*.tmp"))
+    import psutil
+
+    left = [q for q in psutil.process_iter(["pid", "cmdline", "status"])
+            if _pgid(q.pid) == proc.pid and q.info["status"] != psutil.STATUS_ZOMBIE]
+    assert not left, [q.info["cmdline"] for q in left]  # the decoder processes ended with it
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -568,9 +601,11 @@ def test_extract_prepare_embed_end_to_end(tiny, tmp_path, data_dir):
     out, tfds_dir = tmp_path / "out", tmp_path / "tfds"
     proc = subprocess.run(_cli(f"--videos={root}", f"--output={out}", f"--checkpoint_2d={p2}", f"--checkpoint_3d={p3}",
                                f"--captions={tmp_path / 'captions.json'}", f"--then_prepare={tfds_dir}",
-                               f"--word2vec={w2v}"),
+                               f"--word2vec={w2v}", "--progress_bar=true"),
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    last_bar = proc.stderr.split("\r")[-1] if "extract: 100%" in proc.stderr else proc.stderr
+    assert "2/2" in last_bar and all(f"{k}=" in last_bar for k in ("decode", "device", "wait_decode", "write"))
     assert "howto100m: prepared at" in proc.stdout and "train: 2 items written, 0 skipped" in proc.stdout
     for vid in ("v_a", "v_b"):
         assert _load(out / f"features/cooking/{vid}/{vid}_3d.npz").shape == (1, DIM)
