@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from eao_jax.extract import decode, logmel, outputs
 from eao_jax.extract.features import AUDIO, Feature, Window
@@ -103,8 +104,9 @@ def failure_category(reason: str) -> str:
 
 
 def _local_copy(source: str, tmpdir: str) -> str:
-    from etils import epath  # noqa: PLC0415
-
+    """A video on an object store, copied to a local file (FFmpeg reads files)."""
+    if not epath.Path(source).exists():
+        raise decode.DecodeError(source, "no such file")
     target = os.path.join(tmpdir, "video" + os.path.splitext(source)[1])
     with epath.Path(source).open("rb") as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
@@ -674,7 +676,7 @@ def _merge(settings: Settings, num_processes: int) -> dict:
              for p in range(num_processes)]
     paths: list[str] = []
     for p in range(num_processes):
-        data = outputs.epath.Path(outputs.join(root, outputs.part_name("videos", p, num_processes, "csv")))
+        data = epath.Path(outputs.join(root, outputs.part_name("videos", p, num_processes, "csv")))
         paths += outputs.read_list_csv(data.read_bytes())
     merged: dict[str, Any] = {"videos": 0, "already_done": 0, "extracted": 0, "completed_partial": 0, "failed": 0,
                               "video_seconds": 0.0}
