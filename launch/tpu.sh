@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cloud TPU VM launcher for eao_jax: create | setup | train | eval | logs | stop | ssh | status | delete.
+# Cloud TPU VM launcher for eao_jax: create | setup | train | eval | extract | logs | stop | ssh | status | delete.
 #
 #   launch/tpu.sh [options] SUBCOMMAND [-- extra args for python / the remote command]
 #
@@ -20,8 +20,9 @@ Subcommands:
   setup    copy this checkout (or git clone REPO_URL) to every worker and pip install it with its [tpu] extra
   train    run python -m eao_jax.main on every worker (detached, log in ~/eao_logs/train.log)
   eval     run python -m eao_jax.evaluate on every worker (foreground)
-  logs     stream a job's log from one worker: logs [train|eval]
-  stop     stop a detached job on every worker: stop [train|eval]
+  extract  run python -m eao_jax.extract on every worker (detached, log in ~/eao_logs/extract.log)
+  logs     stream a job's log from one worker: logs [train|eval|extract]
+  stop     stop a detached job on every worker: stop [train|eval|extract]
   ssh      run EXTRA as a shell command on WORKER (default: all)
   status   describe the TPU VM / queued resource
   delete   delete the TPU VM (or the queued resource and its node)
@@ -39,8 +40,10 @@ Options (each overrides the environment variable in brackets):
   --task=TASK              evaluation task (eval)                           [EVAL_TASK]
   --checkpoint=DIR         checkpoint to evaluate (eval)                    [CHECKPOINT]
   --output=FILE            results JSON (eval, optional)                    [EVAL_OUTPUT]
+  --videos=DIR|LIST        videos to extract, gs://... (extract)            [VIDEOS]
+  --features_dir=DIR       extraction output, gs://... (extract)            [FEATURES_DIR]
   --worker=W               worker(s) for ssh/logs: all, 0, 1, ...           [WORKER]
-Everything after "--" is appended to the python command (train/eval) or is the command (ssh).
+Everything after "--" is appended to the python command (train/eval/extract) or is the command (ssh).
 More variables: QUEUED, QUEUED_RESOURCE_ID, SPOT, RESERVED, CREATE_ARGS, SETUP_METHOD, REPO_URL,
 REPO_REF, REMOTE_DIR, VENV_DIR, JAX_VERSION, PIP_ARGS, REMOTE_ENV, DETACH, FOLLOW, SSH_ARGS, GCLOUD.
 EOF
@@ -85,6 +88,8 @@ while (($#)); do
     --task=*) EVAL_TASK="${1#*=}" ;;
     --checkpoint=*) CHECKPOINT="${1#*=}" ;;
     --output=*) EVAL_OUTPUT="${1#*=}" ;;
+    --videos=*) VIDEOS="${1#*=}" ;;
+    --features_dir=*) FEATURES_DIR="${1#*=}" ;;
     --worker=*) WORKER="${1#*=}" ;;
     -h | --help | help)
       usage
@@ -340,9 +345,26 @@ cmd_eval() {
   remote all "$(job_command eval "$detach" "$(python_command "${args[@]}")")"
 }
 
+cmd_extract() {
+  require TPU_NAME ZONE VIDEOS FEATURES_DIR
+  check_relative REMOTE_DIR
+  check_relative VENV_DIR
+  [[ "$FEATURES_DIR" == gs://* ]] || note "warning: FEATURES_DIR=$FEATURES_DIR is not gs://; on a multi-host TPU every worker must see the same output"
+  need_gcloud
+  location_args
+  local args=(eao_jax.extract --videos="$VIDEOS" --output="$FEATURES_DIR")
+  args+=(${EXTRA[@]+"${EXTRA[@]}"})
+  local detach=1
+  if [[ -n "${DETACH:-}" ]]; then truthy DETACH && detach=1 || detach=0; fi
+  # Every worker takes its block of the video list; rerunning the same command resumes.
+  remote all "$(job_command extract "$detach" "$(python_command "${args[@]}")")"
+  ((detach)) && note "follow with: launch/tpu.sh logs extract"
+  return 0
+}
+
 job_name() {
   local job="${LOG_JOB:-train}"
-  [[ "$job" =~ ^(train|eval)$ ]] || die "job '$job' must be train or eval"
+  [[ "$job" =~ ^(train|eval|extract)$ ]] || die "job '$job' must be train, eval or extract"
   printf '%s' "$job"
 }
 
@@ -406,10 +428,11 @@ case "$SUBCOMMAND" in
   setup) cmd_setup ;;
   train) cmd_train ;;
   eval) cmd_eval ;;
+  extract) cmd_extract ;;
   logs) cmd_logs ;;
   stop) cmd_stop ;;
   ssh) cmd_ssh ;;
   status) cmd_status ;;
   delete) cmd_delete ;;
-  *) die "unknown subcommand '$SUBCOMMAND' (create|setup|train|eval|logs|stop|ssh|status|delete)" ;;
+  *) die "unknown subcommand '$SUBCOMMAND' (create|setup|train|eval|extract|logs|stop|ssh|status|delete)" ;;
 esac

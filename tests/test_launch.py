@@ -250,6 +250,36 @@ def test_eval_runs_evaluate_on_all_workers(sandbox):
     assert "--task=msrvtt" in words(remote_command(ssh))
 
 
+def assert_extract_accepts(args: list[str]) -> None:
+    """The launchers' extract arguments are flags `eao_jax.extract` defines (absl parses them all)."""
+    proc = subprocess.run([sys.executable, "-m", "eao_jax.extract", *args, "--helpshort"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert "Flags parsing error" not in proc.stderr and "Try --helpfull" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_extract_runs_on_all_workers_detached(sandbox):
+    tmp, bin_dir, marker = sandbox
+    env = {**TPU_ENV, "VIDEOS": "gs://bucket/videos", "FEATURES_DIR": "gs://bucket/howto"}
+    extra = ["--features=2d,3d,audio", "--checkpoint_2d=gs://bucket/resnet152.pth",
+             "--checkpoint_3d=gs://bucket/resnext101.pth"]
+    (ssh,) = commands(run(TPU, ["extract", "--", *extra], env, tmp, bin_dir))
+    assert ssh[:len(ssh_prefix())] == ssh_prefix()
+    tokens = words(remote_command(ssh))
+    i = tokens.index("-m")
+    assert tokens[i + 1:i + 7] == ["eao_jax.extract", "--videos=gs://bucket/videos", "--output=gs://bucket/howto",
+                                  *extra]
+    assert "../eao_logs/extract.log" in tokens and "../eao_logs/extract.pid" in tokens
+    assert_extract_accepts(tokens[i + 2:i + 7])
+    (ssh,) = commands(run(TPU, ["--videos=gs://v/list.csv", "--features_dir=gs://o", "extract"], TPU_ENV, tmp,
+                          bin_dir))
+    assert words(remote_command(ssh))[i + 1:i + 4] == ["eao_jax.extract", "--videos=gs://v/list.csv", "--output=gs://o"]
+    (cmd,) = commands(run(TPU, ["stop", "extract"], TPU_ENV, tmp, bin_dir))
+    assert "kill -TERM -- -$(cat eao_logs/extract.pid)" in remote_command(cmd)
+    proc = run(TPU, ["extract"], {**TPU_ENV, "VIDEOS": "gs://v"}, tmp, bin_dir)
+    assert proc.returncode != 0 and "FEATURES_DIR" in proc.stderr
+    assert not marker.exists()
+
+
 def test_logs_stop_ssh_status_delete(sandbox):
     tmp, bin_dir, marker = sandbox
     (cmd,) = commands(run(TPU, ["logs"], TPU_ENV, tmp, bin_dir))
@@ -297,7 +327,7 @@ def test_logs_stop_ssh_status_delete(sandbox):
         (["setup"], None, {"SETUP_METHOD": "rsync"}, "SETUP_METHOD='rsync' must be copy or git"),
         (["create"], None, {"SPOT": "maybe"}, "SPOT=maybe must be 1 or 0"),
         (["ssh"], None, {}, "ssh needs a command after --"),
-        (["logs", "oops"], None, {}, "job 'oops' must be train or eval"),
+        (["logs", "oops"], None, {}, "job 'oops' must be train, eval or extract"),
         (["logs"], None, {"WORKER": "first"}, "WORKER='first' must be all, a worker number"),
         (["train"], None, {"VENV_DIR": "/opt/venv"}, "VENV_DIR='/opt/venv' must be a plain directory name"),
         (["explode"], None, {}, "unknown subcommand 'explode'"),
@@ -407,6 +437,18 @@ def test_slurm_one_process_per_gpu_eval(slurm_bin):
                     f"{env['VENV']}/bin/python", "-m", "eao_jax.evaluate", "--task=msrvtt",
                     "--checkpoint=/shared/eao/checkpoints", "--output=/shared/r.json"]
     assert_evaluate_accepts(srun[srun.index("eao_jax.evaluate") + 1:])
+
+
+def test_slurm_extract_one_process_per_gpu(slurm_bin):
+    tmp, bin_dir = slurm_bin
+    env = {**SLURM_ENV, "PROCS_PER": "gpu", "VIDEOS": "/shared/videos", "FEATURES_DIR": "/shared/howto"}
+    extra = ["--checkpoint_2d=/shared/r152.pth", "--checkpoint_3d=/shared/rx101.pth", "--workers=7"]
+    cd, coord, srun = commands(run(SLURM, ["extract", "--", *extra], env, tmp, bin_dir))
+    assert srun == ["srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--kill-on-bad-exit=1", "python3",
+                    "-m", "eao_jax.extract", "--videos=/shared/videos", "--output=/shared/howto", *extra]
+    assert_extract_accepts(srun[srun.index("eao_jax.extract") + 1:])
+    proc = run(SLURM, ["extract"], {**SLURM_ENV, "FEATURES_DIR": "/o"}, tmp, bin_dir)
+    assert proc.returncode != 0 and "VIDEOS is not set" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,16 @@ class Runner:
 
         self._run = jax.jit(run, in_shardings=(replicated, self._batch_sharding), out_shardings=self._batch_sharding)
 
+    def dispatch(self, x: np.ndarray) -> tuple[jax.Array, int]:
+        """Starts one batch of at most `batch_size` rows (zero-padded to it) without waiting for it:
+        returns the device result and the row count (`np.asarray(result)[:n]` waits)."""
+        n = x.shape[0]
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"a batch holds 1 to {self.batch_size} rows, got {n}")
+        if n < self.batch_size:
+            x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
+        return self._run(self._state, jax.device_put(x, self._batch_sharding)), n
+
     def lower(self, item_shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
         """The jitted call lowered for one full batch of `item_shape` rows (for XLA's cost and
         memory analysis: `.compile().cost_analysis()`)."""
@@ -69,11 +79,7 @@ class Runner:
             raise ValueError("no rows to run the backbone on")
         outs = []
         for start in range(0, x.shape[0], self.batch_size):
-            chunk = x[start:start + self.batch_size]
-            n = chunk.shape[0]
-            if n < self.batch_size:
-                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-            out = self._run(self._state, jax.device_put(chunk, self._batch_sharding))
+            out, n = self.dispatch(x[start:start + self.batch_size])
             outs.append(np.asarray(out)[:n])
         return np.concatenate(outs)
 
