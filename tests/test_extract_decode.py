@@ -23,7 +23,7 @@ import av
 import numpy as np
 import psutil
 import pytest
-from video_fixtures import make_video
+from video_fixtures import make_audio_only, make_video
 
 from eao_jax.extract import decode, logmel
 from eao_jax.extract.decode import DecodeError, FpsSelector, VideoDecoder, decode_video, output_size
@@ -204,14 +204,7 @@ def test_rejected_packets_are_skipped_and_counted(tmp_path):
 
 
 def test_audio_only_file(tmp_path):
-    path = tmp_path / "speech.m4a"
-    with av.open(path, "w") as out:
-        stream = out.add_stream("aac", rate=16000, layout="mono")
-        for k in range(10):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, k * 1024
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+    path = make_audio_only(tmp_path / "speech.m4a")
     _refused(path, r"no video stream \(streams: audio\)")
 
 

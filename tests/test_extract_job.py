@@ -265,13 +265,7 @@ def bad_inputs(tmp_path_factory, tiny):
     data = (FIXTURES / "plain.mp4").read_bytes()
     (root / "half_index_last.mp4").write_bytes(data[: len(data) // 2])
     _faststart_cut(FIXTURES / "plain.mp4", root / "cut.mp4")
-    with av.open(root / "audio_only.mp4", "w") as out:
-        stream = out.add_stream("aac", rate=16000, layout="mono")
-        for k in range(10):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, k * 1024
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+    video_fixtures.make_audio_only(root / "audio_only.mp4")
     for name in ("short_0.3s.mp4", "vfr.mp4", "rot90.mp4", "odd_vp9.webm", "yuv420p10.mp4", "av1.mp4"):
         shutil.copy(FIXTURES / name, root / name)
     spaced = root / "with space" / "vidéo ünï 1.mp4"

@@ -115,3 +115,15 @@ def make_video(
                 out.mux(astream.encode(af))
             out.mux(astream.encode(None))
     return path
+
+
+def make_audio_only(path: str | os.PathLike, blocks: int = 10) -> str:
+    """A file with one silent 16 kHz mono AAC stream and no video stream (`blocks` x 1024 samples)."""
+    with av.open(os.fspath(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000, layout="mono")
+        for k in range(blocks):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, k * 1024
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return os.fspath(path)
