@@ -553,7 +553,8 @@ CORRUPT_SUBDIR = "corrupt_checkpoints"  # beside `checkpoints/`: steps a resume 
 def step_problem(directory: str | epath.Path, step: int) -> str | None:
     """Why training step `step` under `directory` is visibly incomplete (an empty step directory, a
     missing item or array manifest, a missing or unreadable data iterator file), or None. Damage
-    inside the array files only shows when they are read (`restore_newest_training`)."""
+    inside the array files only shows when they are read and checked against the step's digests
+    (`restore_newest_training`)."""
     d = epath.Path(directory) / str(step)
     if not d.is_dir():
         return "the step directory is missing"
@@ -589,7 +590,8 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
 def restore_newest_training(mngr: ocp.CheckpointManager, *, model_target: dict, opt_target: dict,
                             check_config: Callable[[ml_collections.ConfigDict, int], None] | None = None
                             ) -> tuple[int, dict, dict, IteratorSnapshot | None, list[tuple[int, str]]] | None:
-    """Restores the newest step of `mngr` that restores completely, walking back over damaged ones.
+    """Restores the newest step of `mngr` that restores completely, its arrays matching their saved
+    digests, walking back over damaged ones (one log line each, when set aside).
 
     Returns (step, model_vars, opt_vars, data snapshot, [(skipped step, why), ...]) or None when the
     directory holds no step. Skipped steps are moved to `../corrupt_checkpoints/` (so the run can

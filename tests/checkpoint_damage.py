@@ -1,4 +1,4 @@
-"""Ways a checkpoint step directory gets damaged (a killed copy, a full disk, a hand edit), and the reason
+"""Ways a checkpoint step directory gets damaged (a killed copy, a full disk, a hand edit, failing storage), and
 the training restore gives for skipping each."""
 
 import os
