@@ -1,5 +1,5 @@
-"""Ways a checkpoint step directory gets damaged (a killed copy, a full disk, a hand edit, failing storage), and
-the training restore gives for skipping each."""
+"""Ways a checkpoint step directory gets damaged (a killed copy, a full disk, a hand edit, failing storage),
+and the reason the training restore gives for skipping each."""
 
 import os
 import pathlib
