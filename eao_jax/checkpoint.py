@@ -6,8 +6,20 @@ holds the items:
   config  - the full ml_collections config as JSON (enough to rebuild the model)
   opt     - optimizer state (training only)
   data    - the grain iterator state (training only)
-`convert` writes `model` + `config`; training writes all four; `evaluate`, `embed` and fine-tuning
-(`init_from`) read `model` + `config` only.
+  digest  - a 32-bit digest of every array of `model` and `opt` (JSON)
+`convert` writes `model` + `config` + `digest`; training writes all five; `evaluate`, `embed` and
+fine-tuning (`init_from`) read `model` + `config` (+ `digest`) only.
+
+Integrity: Orbax's TensorStore files checksum their indexes and b-tree nodes but not the array
+values (zarr's crc32c codec is not among the codecs Orbax lets a caller choose), so changed bytes in
+a data file restore silently. Every array's digest is therefore computed where the array lives (one
+jitted pass, no copy to the host), saved as the `digest` item in the same atomic step, and checked
+against the restored arrays (`CheckpointDigestError` names the arrays that differ). The digest is the
+sum modulo 2**32 of a bijective mix of each 32-bit word with its position in the array: any changed
+word changes it, other damage goes unseen with a chance of about 2**-32 (as for a CRC32C), and a sum
+does not depend on how the array is sharded or split over processes, so a step saved on one mesh
+verifies when restored onto any other. One pass over the bytes, as fast as a plain sum where the
+state lives (bench_checkpoint). A step without a `digest` item restores unverified.
 
 Training (`train.py`) keeps one `CheckpointManager` open (`training_manager`): saves every
 `checkpoint.every_steps`, keeps the last `checkpoint.keep`, writes asynchronously, and resumes from
@@ -32,6 +44,7 @@ import json
 import logging as py_logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -128,17 +141,170 @@ def check_finite(tree: Any, what: str) -> None:
         raise NonFiniteStateError(f"{what}: {len(bad)} arrays hold NaN or Inf values ({shown})")
 
 
+# ------------------------------------------------------------------------------------------------
+# TensorStore's reports after a failed read or write
+
+
+def _is_closed_loop_report(unraisable: Any) -> bool:
+    return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+
+
+def _drop_closed_loop_reports() -> None:
+    """Drops, from now on in this process, the reports of TensorStore operations that complete into
+    the event loop of an Orbax read or write that already failed and closed it.
+
+    When one array of a restore (or save, in Orbax's background thread) fails, Orbax's `asyncio.run`
+    ends while TensorStore still runs the other arrays' operations; each then schedules its result
+    into the closed loop from a TensorStore thread, and the RuntimeError is printed through
+    `sys.unraisablehook` (a traceback of 6 lines each, hundreds per failed step) at any time
+    afterwards. Nothing waits for those results; the failure itself reaches the caller as an
+    exception. Every other unraisable report passes through."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_eao_drops_closed_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_closed_loop_report(unraisable):
+            previous(unraisable)
+
+    hook._eao_drops_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _quiet_tensorstore() -> Iterator[None]:
+    """Around an Orbax read that may fail: no page of asyncio JSON per un-retrieved future of the failed
+    read, and no closed-loop tracebacks of its other operations (`_drop_closed_loop_reports`)."""
+    _drop_closed_loop_reports()
+    logger = py_logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(py_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# ------------------------------------------------------------------------------------------------
+# Array digests (see the module docstring)
+
+DIGEST_ITEM = "digest"
+DIGEST_ALGORITHM = "eao-fmix32-sum"  # named in the item, so that a reader can tell another scheme
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    # MurmurHash3's finaliser: a bijection of uint32 in which every input bit flips ~half the output bits.
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (an 8-byte element gives two, on a trailing axis)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size in (4, 8):
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    w = _words(x)
+    # The row-major position of each word (mod 2**32), from iotas: no reshape, so no resharding.
+    pos, stride = jnp.zeros(w.shape, jnp.uint32), 1
+    for axis in reversed(range(w.ndim)):
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * np.uint32(stride % 2**32)
+        stride *= w.shape[axis]
+    # A distinct odd-multiple key per position, so that moved (e.g. swapped) words change the sum too.
+    return jnp.sum(_fmix32(w ^ (pos * np.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+_digests_jit = jax.jit(lambda leaves: [_digest(x) for x in leaves])
+
+
+def _host_words(x: Any) -> np.ndarray:
+    # A host array's 8-byte elements as the uint32 pairs `_words` makes of a device array's.
+    x = np.asarray(x)
+    if x.dtype.itemsize == 8 and x.dtype != np.bool_:
+        return np.ascontiguousarray(x).reshape(-1).view(np.uint32).reshape(x.shape + (2,))
+    return x
+
+
+def array_digests(tree: Any) -> dict[str, str]:
+    """{'/'-joined path: 8 hex digits} for every array leaf of `tree` (jax arrays, sharded over any
+    mesh and processes, or numpy arrays). Device arrays are digested where they live; host arrays on
+    the CPU."""
+    flat = [(jax.tree_util.keystr(path, simple=True, separator="/"), x)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "dtype")]
+    on_device = [(name, x) for name, x in flat if isinstance(x, jax.Array)]
+    on_host = [(name, x) for name, x in flat if not isinstance(x, jax.Array)]
+    if on_host:
+        try:
+            host = jax.local_devices(backend="cpu")[0]
+        except RuntimeError:  # JAX_PLATFORMS leaves the CPU backend out
+            host = jax.local_devices()[0]
+        on_host = [(name, jax.device_put(_host_words(x), host)) for name, x in on_host]
+    out = {}
+    for group in (on_device, on_host):
+        if group:
+            sums = jax.device_get(_digests_jit([x for _, x in group]))
+            out.update({name: f"{int(v):08x}" for (name, _), v in zip(group, sums, strict=True)})
+    return out
+
+
+class CheckpointDigestError(ValueError):
+    """Restored arrays differ from the digests saved with their step: the step's files are damaged."""
+
+    def __init__(self, where: str, names: list[str]):
+        self.names = names
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        self.reason = f"arrays differ from their saved digests ({shown})"
+        super().__init__(f"{where}: {self.reason}")
+
+
+def _digest_record(tree: dict) -> dict[str, Any]:
+    return {"algorithm": DIGEST_ALGORITHM, "arrays": array_digests(tree)}
+
+
+def _saved_digests(mngr: ocp.CheckpointManager, step: int) -> dict[str, str] | None:
+    """The step's saved digests, or None when it has no `digest` item."""
+    if not (epath.Path(mngr.directory) / str(step) / DIGEST_ITEM).is_dir():
+        logging.warning("checkpoint step %d in %s has no array digests: its arrays are restored unverified",
+                        step, mngr.directory)
+        return None
+    record = mngr.restore(step, args=ocp.args.Composite(**{DIGEST_ITEM: ocp.args.JsonRestore()}))[DIGEST_ITEM]
+    if not isinstance(record, dict) or record.get("algorithm") != DIGEST_ALGORITHM \
+            or not isinstance(record.get("arrays"), dict):
+        raise ValueError(f"the {DIGEST_ITEM} item is not an {DIGEST_ALGORITHM} digest record")
+    return record["arrays"]
+
+
+def _verify(where: str, restored: dict, saved: dict[str, str] | None) -> None:
+    """Raises CheckpointDigestError naming the restored arrays (a subtree of what was saved, e.g.
+    {'model': ...}) whose digest differs from (or is missing in) `saved`."""
+    if saved is None:
+        return
+    bad = sorted(name for name, got in array_digests(restored).items() if saved.get(name) != got)
+    if bad:
+        raise CheckpointDigestError(where, bad)
+
+
 def save_model(directory: str | epath.Path, step: int, model_vars: dict,
                config: ml_collections.ConfigDict) -> epath.Path:
     """Writes a `model` + `config` checkpoint at `step` (used by `convert`). Raises
     NonFiniteStateError, writing nothing, when a variable holds NaN/Inf."""
     check_finite(model_vars, f"refusing to save the model at step {step}")
+    _drop_closed_loop_reports()
     directory = resolve_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False, create=True)
     with ocp.CheckpointManager(directory, options=options) as mngr:
-        mngr.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model_vars),
-            config=ocp.args.JsonSave(config_to_json(config))), force=True)
+        mngr.save(step, args=ocp.args.Composite(**{
+            "model": ocp.args.StandardSave(model_vars),
+            "config": ocp.args.JsonSave(config_to_json(config)),
+            DIGEST_ITEM: ocp.args.JsonSave(_digest_record({"model": model_vars}))}), force=True)
         mngr.wait_until_finished()
     return directory
 
@@ -171,10 +337,13 @@ def restore_config(directory: str | epath.Path, step: int | None = None) -> ml_c
 
 def restore_model_variables(directory: str | epath.Path, step: int, target: dict) -> dict:
     """Restores the `model` item onto `target` (a pure dict of arrays or ShapeDtypeStructs with the
-    wanted shardings)."""
+    wanted shardings). Raises CheckpointDigestError naming the arrays that differ from their saved
+    digests."""
     options = _read_only_options()
-    with ocp.CheckpointManager(checkpoint_root(directory), options=options) as mngr:
+    with ocp.CheckpointManager(checkpoint_root(directory), options=options) as mngr, _quiet_tensorstore():
         restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+        _verify(f"checkpoint {mngr.directory} at step {step}", {"model": restored.model},
+                _saved_digests(mngr, step))
     return restored.model
 
 
@@ -244,6 +413,7 @@ def training_manager(directory: str | epath.Path, ckpt_cfg: ml_collections.Confi
     the interval: `save(step)` without `force` saves the multiples of `every_steps` (none when it is
     0) and a step the preemption notifier reached; the final save needs `force=True`.
     """
+    _drop_closed_loop_reports()  # a failed background save's (see there)
     cfg = ckpt_cfg if ckpt_cfg is not None else ml_collections.ConfigDict()
     every = int(cfg.get("every_steps", 1000) or 0)
     keep = cfg.get("keep", None)
@@ -267,6 +437,7 @@ def training_manager(directory: str | epath.Path, ckpt_cfg: ml_collections.Confi
         "opt": ocp.StandardCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
+        DIGEST_ITEM: ocp.JsonCheckpointHandler(),
     }
     return ocp.CheckpointManager(resolve_path(directory), options=options, item_handlers=handlers)
 
@@ -274,16 +445,23 @@ def training_manager(directory: str | epath.Path, ckpt_cfg: ml_collections.Confi
 def save_training(mngr: ocp.CheckpointManager, step: int, *, model_vars: dict, opt_vars: dict,
                   config: ml_collections.ConfigDict, data_state: IteratorSnapshot | None = None,
                   force: bool = False) -> bool:
-    """Saves model, optimizer, config and (when given) the data iterator state at `step`.
+    """Saves model, optimizer, config, the arrays' digests and (when given) the data iterator state at
+    `step`.
 
     Returns whether a save was started (False off the save interval unless `force`). Asynchronous
     when the manager is: call `mngr.wait_until_finished()` before exiting. Every training save passes
-    here, so this is where a non-finite state is refused (NonFiniteStateError, nothing written).
+    here, so this is where a non-finite state is refused (NonFiniteStateError, nothing written). A
+    previous save that failed in the background raises CheckpointSaveError naming its own step.
     """
-    check_finite({"model": model_vars, "opt": opt_vars}, f"refusing to save training step {step}")
-    items = dict(model=ocp.args.StandardSave(model_vars),
-                 opt=ocp.args.StandardSave(opt_vars),
-                 config=ocp.args.JsonSave(config_to_json(config)))
+    if not (force or mngr.should_save(step)):
+        return False
+    wait_for_saves(mngr)  # Orbax's `save` would wait too, and report that failure as this step's
+    state = {"model": model_vars, "opt": opt_vars}
+    check_finite(state, f"refusing to save training step {step}")
+    items = {"model": ocp.args.StandardSave(model_vars),
+             "opt": ocp.args.StandardSave(opt_vars),
+             "config": ocp.args.JsonSave(config_to_json(config)),
+             DIGEST_ITEM: ocp.args.JsonSave(_digest_record(state))}
     if data_state is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_state)
     with _save_errors(mngr, step):
@@ -306,19 +484,20 @@ def _save_errors(mngr: ocp.CheckpointManager, step: int | None = None) -> Iterat
         raise CheckpointSaveError(f"saving {what} in {mngr.directory} failed: {type(e).__name__}: {e}") from e
 
 
-def check_save_errors(mngr: ocp.CheckpointManager, step: int | None = None) -> None:
+def check_save_errors(mngr: ocp.CheckpointManager) -> None:
     """Raises CheckpointSaveError when an asynchronous save has failed in the background (Orbax only
     reports it when asked: without this the loop would train on until the next save)."""
     # Orbax's finalize thread consumes the checkpointer's error (so `check_for_errors` misses it) and keeps
     # it until `wait_until_finished`, which returns at once when no save is in progress.
     if not mngr.is_saving_in_progress():
-        with _save_errors(mngr, step):
-            mngr.wait_until_finished()
+        wait_for_saves(mngr)
 
 
 def wait_for_saves(mngr: ocp.CheckpointManager) -> None:
-    """`mngr.wait_until_finished()`, a failed save raised as CheckpointSaveError."""
-    with _save_errors(mngr):
+    """`mngr.wait_until_finished()`, a failed save raised as CheckpointSaveError naming its step."""
+    # The step a save in flight (or one that failed) was started for is the manager's latest until
+    # `wait_until_finished` drops a failed one.
+    with _save_errors(mngr, mngr.latest_step()):
         mngr.wait_until_finished()
 
 
@@ -344,7 +523,8 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, *, model_target: di
 
     The data snapshot is None when `with_data` is False or the step has no `data` item. A step
     written by a different number of processes restores the data position they agreed on (see the
-    module docstring; `data_state_for_process_count`).
+    module docstring; `data_state_for_process_count`). Raises CheckpointDigestError naming the arrays
+    that differ from the digests saved with the step.
     """
     items = dict(model=ocp.args.StandardRestore(model_target), opt=ocp.args.StandardRestore(opt_target))
     snapshot = None
@@ -356,7 +536,10 @@ def restore_training(mngr: ocp.CheckpointManager, step: int, *, model_target: di
             items["data"] = grain.checkpoint.CheckpointRestore(snapshot)
         else:  # written by another process count: read the files directly
             snapshot = IteratorSnapshot(data_state_for_process_count(data_dir, count))
-    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    with _quiet_tensorstore():
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+        _verify(f"checkpoint step {step} in {mngr.directory}", {"model": restored.model, "opt": restored.opt},
+                _saved_digests(mngr, step))
     return restored.model, restored.opt, snapshot
 
 
@@ -370,7 +553,8 @@ CORRUPT_SUBDIR = "corrupt_checkpoints"  # beside `checkpoints/`: steps a resume 
 def step_problem(directory: str | epath.Path, step: int) -> str | None:
     """Why training step `step` under `directory` is visibly incomplete (an empty step directory, a
     missing item or array manifest, a missing or unreadable data iterator file), or None. Damage
-    inside the array files only shows when they are read (`restore_newest_training`)."""
+    inside the array files only shows when they are read and checked against the step's digests
+    (`restore_newest_training`)."""
     d = epath.Path(directory) / str(step)
     if not d.is_dir():
         return "the step directory is missing"
@@ -403,22 +587,11 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-@contextlib.contextmanager
-def _quiet_asyncio() -> Iterator[None]:
-    # A failed tensorstore read leaves un-retrieved futures that asyncio logs with a page of JSON each.
-    logger = py_logging.getLogger("asyncio")
-    level = logger.level
-    logger.setLevel(py_logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def restore_newest_training(mngr: ocp.CheckpointManager, *, model_target: dict, opt_target: dict,
                             check_config: Callable[[ml_collections.ConfigDict, int], None] | None = None
                             ) -> tuple[int, dict, dict, IteratorSnapshot | None, list[tuple[int, str]]] | None:
-    """Restores the newest step of `mngr` that restores completely, walking back over damaged ones.
+    """Restores the newest step of `mngr` that restores completely, its arrays matching their saved
+    digests, walking back over damaged ones (one log line each, when set aside).
 
     Returns (step, model_vars, opt_vars, data snapshot, [(skipped step, why), ...]) or None when the
     directory holds no step. Skipped steps are moved to `../corrupt_checkpoints/` (so the run can
@@ -435,7 +608,7 @@ def restore_newest_training(mngr: ocp.CheckpointManager, *, model_target: dict, 
         reason = step_problem(root, step)
         if reason is None:
             try:
-                with _quiet_asyncio():
+                with _quiet_tensorstore():
                     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
                 saved = config_from_json(saved)
             except Exception as e:
@@ -444,17 +617,17 @@ def restore_newest_training(mngr: ocp.CheckpointManager, *, model_target: dict, 
             if check_config is not None:
                 check_config(saved, step)
             try:
-                with _quiet_asyncio():
-                    model_vars, opt_vars, snapshot = restore_training(mngr, step, model_target=model_target,
-                                                                      opt_target=opt_target)
+                model_vars, opt_vars, snapshot = restore_training(mngr, step, model_target=model_target,
+                                                                  opt_target=opt_target)
+            except CheckpointDigestError as e:
+                reason = e.reason
             except Exception as e:
                 reason = f"restoring it failed ({_one_line(e)})"
         if reason is not None:
-            logging.warning("checkpoint step %d in %s is skipped: %s", step, root, reason)
             skipped.append((step, reason))
             continue
         if skipped:
-            _set_aside(mngr, [s for s, _ in skipped])
+            _set_aside(mngr, skipped)
         return step, model_vars, opt_vars, snapshot, skipped
     listing = "; ".join(f"step {s}: {why}" for s, why in skipped)
     paths = " ".join(os.fspath(root / str(s)) for s, _ in skipped)
@@ -465,18 +638,19 @@ def restore_newest_training(mngr: ocp.CheckpointManager, *, model_target: dict, 
                                  "run from scratch")
 
 
-def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
-    """Moves damaged step directories out of the Orbax root (process 0; the others wait for it)."""
+def _set_aside(mngr: ocp.CheckpointManager, skipped: list[tuple[int, str]]) -> None:
+    """Moves damaged step directories out of the Orbax root (process 0, one log line per step; the others
+    wait for it). `skipped`: [(step, why), ...]."""
     root = epath.Path(mngr.directory)
     if jax.process_index() == 0:
         dest = root.parent / CORRUPT_SUBDIR
         dest.mkdir(parents=True, exist_ok=True)
-        for step in steps:
+        for step, why in skipped:
             target, n = dest / str(step), 1
             while target.exists():
                 target, n = dest / f"{step}.{n}", n + 1
             (root / str(step)).rename(target)
-            logging.warning("moved the damaged checkpoint step %d to %s", step, target)
+            logging.warning("checkpoint step %d in %s is damaged (%s): moved to %s", step, root, why, target)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 

@@ -30,13 +30,17 @@ from typing import Any, NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+_DROPPED_WARNINGS = ("Given directory is read only", "Metadata file does not exist")
+
 
 class _DropOrbaxErrors(py_logging.Filter):
     def filter(self, record: py_logging.LogRecord) -> bool:
         if "orbax" not in record.pathname.replace("\\", "/"):
             return True
-        # Every read of a checkpoint (evaluate, embed, attention) would warn that it reads it read-only.
-        return record.levelno < py_logging.ERROR and not str(record.msg).startswith("Given directory is read only")
+        # Every read of a checkpoint (evaluate, embed, attention) would warn that it reads it read-only, and
+        # opening a directory with a damaged (emptied) step that the step's metadata file is missing (the
+        # resume names that step once: checkpoint.restore_newest_training).
+        return record.levelno < py_logging.ERROR and not str(record.msg).startswith(_DROPPED_WARNINGS)
 
 
 _FILTER = _DropOrbaxErrors()

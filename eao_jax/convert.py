@@ -8,11 +8,14 @@ DAVEnet layout, CLS token and positional embeddings. The head count cannot be re
 it comes from the checkpoint's saved training config or from --num_heads. A key that cannot be
 mapped, a parameter the model needs that the checkpoint lacks, or a tensor holding NaN/Inf values is
 an error that names it. An --output that already holds anything is refused (converting twice into one
-directory would mix two checkpoints there); --overwrite replaces an earlier convert output.
+directory would mix two checkpoints there); --overwrite replaces an earlier convert output, which
+convert marks with a file of its own (`CONVERT_MARKER`), and nothing else (a training run's
+checkpoints, any other folder).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -41,6 +44,10 @@ ARCH_TYPES = ("EverythingAtOnceModel", "EverythingAtOnceModel_TV_Only", "Transfo
 
 class ConversionError(ValueError):
     pass
+
+
+# Written into --output after the checkpoint: what --overwrite may replace is a directory holding it.
+CONVERT_MARKER = "eao_convert.json"
 
 
 def load_torch_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, dict[str, Any]]:
@@ -324,8 +331,8 @@ def _is_step_dir(p: epath.Path) -> bool:
 def check_output(output: str | os.PathLike, overwrite: bool = False) -> list[epath.Path]:
     """Refuses an `output` that already holds anything (checked before the slow work): a second
     checkpoint there would sit beside the first and readers take the newest step. With `overwrite`,
-    an earlier convert output (nothing but step directories) is accepted; returns its step
-    directories, to be removed once the new checkpoint is ready to be written."""
+    an earlier convert output (its CONVERT_MARKER and step directories, nothing else) is accepted;
+    returns its step directories, to be removed once the new checkpoint is ready to be written."""
     out = checkpoint.resolve_path(output)
     if not out.exists():
         return []
@@ -339,10 +346,14 @@ def check_output(output: str | os.PathLike, overwrite: bool = False) -> list[epa
         what = f"checkpoint step(s) {', '.join(p.name for p in steps)}" if steps else f"{len(entries)} entries"
         raise ConversionError(f"--output {output} is not empty (it holds {what}): choose a new directory, or pass "
                               "--overwrite to replace an earlier convert output")
-    others = [p.name for p in entries if not _is_step_dir(p)]
+    others = [p.name for p in entries if not _is_step_dir(p) and p.name != CONVERT_MARKER]
     if others:
         raise ConversionError(f"--output {output} holds more than a convert output ({', '.join(others[:5])}): "
                               "refusing to overwrite it; choose a new directory")
+    if not (out / CONVERT_MARKER).is_file():  # e.g. a training run's checkpoints: step directories alone
+        raise ConversionError(f"--output {output} holds checkpoint step(s) {', '.join(p.name for p in steps)} that "
+                              f"convert did not write (it has no {CONVERT_MARKER}): refusing to overwrite it; "
+                              "choose a new directory")
     return steps
 
 
@@ -374,7 +385,10 @@ def convert(torch_checkpoint: str, output: str, num_heads: int | None = None, *,
         "epoch": int(meta.get("epoch") or 0), "step": int(meta.get("step") or 0)})
     for p in old_steps:  # only now: a conversion that fails leaves the earlier output intact
         p.rmtree()
-    checkpoint.save_model(output, int(meta.get("step") or 0), variables, config)
+    step = int(meta.get("step") or 0)
+    directory = checkpoint.save_model(output, step, variables, config)
+    (directory / CONVERT_MARKER).write_text(json.dumps(
+        {"written_by": "eao_jax.convert", "torch_checkpoint": str(torch_checkpoint), "step": step}) + "\n")
     return config
 
 

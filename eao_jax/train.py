@@ -508,7 +508,7 @@ def _iterate(run: _Run, train_step: Callable, step: int, state: nnx.State) -> tu
         item = _next_batch(run, step, first=first)
         t_start = time.perf_counter()
         state, metrics = train_step(state, item.batch)
-        ckpt.check_save_errors(run.mngr, run.last_saved)  # a failed background save stops the run now
+        ckpt.check_save_errors(run.mngr)  # a failed background save stops the run now
         step += 1
         run.data_state = item.data_state
         run.window.add(step, metrics, item.wait_s)

@@ -229,3 +229,22 @@ def test_a_damaged_only_step_of_each_kind_says_what_to_delete(setup, tmp_path, h
         ckpt.restore_newest_training(mngr, **targets)
     mngr.close()
     assert (root / "3").is_dir()  # refusing deletes nothing
+
+
+def test_array_digests_follow_the_values_not_the_placement(setup):
+    # A step saved over one mesh is verified when restored onto another: the digest of an array is the same
+    # however it is sharded, on the host or on devices; one changed bit or two swapped elements change it.
+    c, mesh, abstract, shardings = setup
+    host = random_state(abstract, 5)
+    placed = jax.device_put(host, nnx.to_pure_dict(shardings))  # FSDP over the 4x2 mesh
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed))
+    want = ckpt.array_digests(host)
+    assert ckpt.array_digests(placed) == want and len(want) == len(jax.tree.leaves(host))
+    kernel = host["model"]["fusion"]["blocks"][0]["fc1"]["kernel"]
+    flipped = kernel.copy()
+    flipped.view(np.uint32)[3, 7] ^= 1 << 9
+    swapped = kernel.copy()
+    swapped[0, :2] = kernel[0, 1::-1]
+    for other in (flipped, swapped):
+        got = ckpt.array_digests({"model": {"fusion": {"blocks": {0: {"fc1": {"kernel": other}}}}}})
+        assert got["model/fusion/blocks/0/fc1/kernel"] != want["model/fusion/blocks/0/fc1/kernel"]

@@ -72,7 +72,7 @@ def test_convert_twice_into_one_output(data_dir, tmp_path):
                     "or pass --overwrite to replace an earlier convert output")
     proc = run("convert", f"--torch_checkpoint={pth}", "--output=out", "--overwrite", cwd=tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["78000"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["78000", convert.CONVERT_MARKER]
     model, _, step = checkpoint.load_model(tmp_path / "out")
     assert step == 78000 and np.isfinite(np.asarray(model.masking_token[...])).all()
     # --overwrite replaces an earlier convert output only, never a directory holding anything else.

@@ -12,7 +12,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CLIS = ("eao_jax.main", "eao_jax.evaluate", "eao_jax.convert", "eao_jax.embed", "eao_jax.attention",
-        "eao_jax.prepare", "eao_jax.bench", "eao_jax.data.benchmark", "eao_jax.extract", "eao_jax.extract.bench")
+        "eao_jax.prepare", "eao_jax.bench", "eao_jax.bench_checkpoint", "eao_jax.data.benchmark", "eao_jax.extract",
+        "eao_jax.extract.bench")
 HEAVY = ("jax", "flax", "orbax", "tensorflow", "tensorflow_datasets", "grain", "apache_beam", "torch")
 
 # Runs the tool as `python -m` would (run_name "__main__"), then reports its exit status and which heavy

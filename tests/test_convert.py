@@ -2,6 +2,7 @@
 are read (eao_jax.torch_pickle) and the edited ones written (tests/torch_format.py) without torch; a
 file that names anything but tensors and plain containers is refused without running it."""
 
+import shutil
 import subprocess
 import sys
 
@@ -119,3 +120,21 @@ def test_relative_paths(original, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("ckpt/**/*.orbax-checkpoint-tmp*"))  # nothing half-written left behind
     model, _, step = checkpoint.load_model("ckpt/tva")
     assert step == 78000 and model.masking_token.shape == (32,)
+
+
+def test_overwrite_replaces_only_a_convert_output(data_dir, tmp_path):
+    pth = str(data_dir / "tva_small.pth")
+    convert.convert(pth, str(tmp_path / "out"))
+    # A training run's checkpoints folder holds step directories alone, as a convert output once did: never replaced.
+    ckpts = tmp_path / "work" / "checkpoints"
+    for step in (35, 36):
+        shutil.copytree(tmp_path / "out" / "78000", ckpts / str(step))
+    for output, why in [(ckpts, r"holds checkpoint step\(s\) 35, 36 that convert did not write \(it has no "
+                                r"eao_convert\.json\): refusing to overwrite it"),
+                        (ckpts.parent, r"holds more than a convert output \(checkpoints\)")]:
+        with pytest.raises(convert.ConversionError, match=why):
+            convert.convert(pth, str(output), overwrite=True)
+    assert checkpoint.latest_step(ckpts) == 36 and sorted(p.name for p in ckpts.iterdir()) == ["35", "36"]
+    # An earlier convert output is replaced.
+    assert convert.convert(pth, str(tmp_path / "out"), overwrite=True).model.embed_dim == 32
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["78000", convert.CONVERT_MARKER]
