@@ -16,6 +16,7 @@ status 0, Ctrl-C with one line saying what the interruption left and status 130.
 
 from __future__ import annotations
 
+import _thread
 import functools
 import importlib.util
 import logging as py_logging
@@ -23,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -154,8 +156,24 @@ def _unknown_override(argv: list[str], e: Exception) -> str:
     return msg
 
 
+def _redeliver_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook: a Ctrl-C that lands inside a callback whose exceptions Python discards (JAX's
+    garbage-collection callback, a `__del__`) would print "Exception ignored ... KeyboardInterrupt" and
+    be lost; it is raised again in the main thread instead (`interrupted` then reports it), from a timer
+    thread so that it lands after the hook has returned."""
+    def hook(unraisable: Any) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            timer = threading.Timer(0.05, _thread.interrupt_main)
+            timer.daemon = True
+            timer.start()
+        else:
+            previous(unraisable)
+    return hook
+
+
 def run(prog: str, main: Main, *, interrupted: str = "") -> None:
     """`app.run(main)` with this module's error handling (`parse_flags`, `report_errors`)."""
+    sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
     app.run(report_errors(prog, interrupted)(main), flags_parser=parse_flags(prog))
 
 

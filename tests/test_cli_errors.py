@@ -295,3 +295,33 @@ def test_main_interrupted_before_training(tmp_path):
     assert interrupted_line(rc, err) == ("main: interrupted; rerun the same command to resume from the newest "
                                          "complete checkpoint in its workdir (or to start over without one)")
     assert not list((tmp_path / "w").glob("checkpoints/[0-9]*"))
+
+
+def test_ctrl_c_inside_a_discarded_callback_is_raised_again(monkeypatch):
+    """A KeyboardInterrupt raised where Python discards exceptions (JAX's gc callback, a `__del__`) is not
+    printed as "Exception ignored" and lost: console.run's hook raises it again in the main thread."""
+    import time
+
+    from eao_jax import console
+
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", console._redeliver_interrupts(printed.append))
+
+    class Interrupted:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        obj = Interrupted()
+        del obj
+        for _ in range(200):
+            time.sleep(0.01)
+    assert printed == []
+
+    class Failing:
+        def __del__(self):
+            raise ValueError("other errors still reach the previous hook")
+
+    obj = Failing()
+    del obj
+    assert [u.exc_type for u in printed] == [ValueError]

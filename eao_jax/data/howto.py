@@ -23,7 +23,6 @@ import numpy as np
 from eao_jax import batch_contract
 from eao_jax.data import audio as audio_lib
 from eao_jax.data import video as video_lib
-from eao_jax.data import workers
 from eao_jax.data.records import half_to_float32
 from eao_jax.data.text import WordTable, tokenize
 
@@ -212,6 +211,8 @@ def empty_clips(n: int, *, video_dim: int, text_dim: int, max_words: int = 20, n
     """
     shapes = dict(video=(n, n_video_tokens, video_dim), video_mask=(n, n_video_tokens), text=(n, max_words, text_dim),
                   text_mask=(n, max_words), audio=(n, batch_contract.N_MELS, n_stft), audio_mask=(n, n_stft))
+    from eao_jax.data import workers  # noqa: PLC0415 (imports grain: not for the CLIs' --help)
+
     return {k: workers.empty(v, np.float32) for k, v in shapes.items()}
 
 

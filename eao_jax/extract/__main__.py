@@ -141,4 +141,4 @@ if __name__ == "__main__":
     _define_flags()
     from eao_jax import console
 
-    app.run(console.report_errors("extract")(main))
+    console.run("extract", main, interrupted="rerun the same command to go on (finished videos are kept)")
