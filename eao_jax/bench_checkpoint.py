@@ -157,4 +157,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from eao_jax import console  # noqa: PLC0415
 
-    app.run(console.report_errors("bench_checkpoint")(main))
+    console.run("bench_checkpoint", main)

@@ -89,8 +89,15 @@ _FLAGS_HINT = "(--helpshort lists the flags)"
 def _fail(line: str, status: int = 1) -> NoReturn:
     if want_traceback():
         traceback.print_exc()
+    if _open_progress_bars():  # an interrupted bar leaves the line unfinished: the message starts a new one
+        line = "\n" + line
     print(line, file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def _open_progress_bars() -> bool:
+    tqdm = sys.modules.get("tqdm")
+    return bool(tqdm is not None and getattr(tqdm.tqdm, "_instances", None))
 
 
 Main = Callable[[list[str]], None]
