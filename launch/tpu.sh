@@ -58,6 +58,11 @@ note() {
   echo "tpu.sh: $*" >&2
 }
 
+set_detach() {  # set_detach DEFAULT: the caller's `detach` (1: start in the background), DETACH=1/0 overrides
+  detach=$1
+  if [[ -n "${DETACH:-}" ]]; then truthy DETACH && detach=1 || detach=0; fi
+}
+
 truthy() {  # truthy VAR_NAME: 1/true/yes/on -> 0; 0/false/no/off/"" -> 1; anything else dies.
   local value
   value="$(printf '%s' "${!1:-}" | tr '[:upper:]' '[:lower:]')"
@@ -323,8 +328,8 @@ cmd_train() {
   local args=(eao_jax.main --config="$CONFIG" --workdir="$WORKDIR")
   [[ -z "${DATA_DIR:-}" ]] || args+=(--config.data.data_dir="$DATA_DIR")
   args+=(${EXTRA[@]+"${EXTRA[@]}"})
-  local detach=1
-  if [[ -n "${DETACH:-}" ]]; then truthy DETACH && detach=1 || detach=0; fi
+  local detach
+  set_detach 1
   remote all "$(job_command train "$detach" "$(python_command "${args[@]}")")"
   ((detach)) && note "follow with: launch/tpu.sh logs train"
   return 0
@@ -339,8 +344,8 @@ cmd_eval() {
   local args=(eao_jax.evaluate --task="$EVAL_TASK" --checkpoint="$CHECKPOINT")
   [[ -z "${EVAL_OUTPUT:-}" ]] || args+=(--output="$EVAL_OUTPUT")
   args+=(${EXTRA[@]+"${EXTRA[@]}"})
-  local detach=0
-  if [[ -n "${DETACH:-}" ]]; then truthy DETACH && detach=1 || detach=0; fi
+  local detach
+  set_detach 0
   # All workers: on a multi-host slice every host must join the JAX runtime.
   remote all "$(job_command eval "$detach" "$(python_command "${args[@]}")")"
 }
@@ -354,8 +359,8 @@ cmd_extract() {
   location_args
   local args=(eao_jax.extract --videos="$VIDEOS" --output="$FEATURES_DIR")
   args+=(${EXTRA[@]+"${EXTRA[@]}"})
-  local detach=1
-  if [[ -n "${DETACH:-}" ]]; then truthy DETACH && detach=1 || detach=0; fi
+  local detach
+  set_detach 1
   # Every worker takes its block of the video list; rerunning the same command resumes.
   remote all "$(job_command extract "$detach" "$(python_command "${args[@]}")")"
   ((detach)) && note "follow with: launch/tpu.sh logs extract"
