@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -325,13 +326,18 @@ def test_small_clip_refused(model3d):
 def test_bench_command_prints_numbers():
     """Every backbone (reduced instances) and the audio recipe: each entry's numbers, and the recipes'
     FLOPs per second of video as units per second of video times FLOPs per unit."""
+    video = pathlib.Path(REPO) / "tests" / "data" / "extract" / "plain.mp4"  # 2 s at 25 fps with audio
     cmd = [sys.executable, "-m", "eao_jax.extract.bench", "--tiny", "--repeats=2", "--matmul_size=128",
-           "--matmul_repeats=1"]
+           "--matmul_repeats=1", f"--decode_videos={video}"]
     env = dict(os.environ, XLA_FLAGS="")  # one host device, as the command runs by default
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(res["backbones"]) == {"resnet152", "resnext101", "s3d", "clip_image"} and res["tiny"] is True
+    (dec,) = res["decode"]
+    assert (dec["source_frames"], dec["2d_frames"], dec["3d_frames"]) == (50, 2, 48) and len(dec["cpu_s_all"]) == 2
+    assert dec["source_frames_per_cpu_s"] > 0 and dec["peak_rss_mib"] > 0 and dec["audio_samples"] > 30000
+    assert f"decode {video} " in proc.stderr
     per_unit = {"resnet152": ("frame", "2d", 1.0), "resnext101": ("clip", "3d", 1.5), "s3d": ("clip", "s3d", 1.0),
                 "clip_image": ("frame", "clip", 1.0)}
     for name, (unit, recipe, rate) in per_unit.items():

@@ -19,7 +19,8 @@ device_count, dtype, matmul_peak_flops_per_s, backbones {name: {unit, batch, ite
 flops_per_unit, time_per_batch_s (median), times_s, units_per_s, achieved_flops_per_s,
 peak_fraction, flops_per_cpu_s and peak_fraction_cpu_time (the same per second of process CPU time,
 steadier on a shared machine), compile_time_s, units_per_video_second, flops_per_video_second,
-video_seconds_per_s}}, matmul_peak_flops_per_cpu_s, audio (`logmel.bench_logmel`'s result, or null
+video_seconds_per_s}}, matmul_peak_flops_per_cpu_s, decode (one entry per --decode_videos file:
+`decode.bench_decode`'s result of the median run), audio (`logmel.bench_logmel`'s result, or null
 with --noaudio), recipe_flops_per_video_second {recipe: FLOPs, "total": sum}. Recipes: 2d (ResNet-152),
 3d (ResNeXt-101), s3d (mixed_5c of 32-frame windows, one per second), clip (ViT-B/32 image features,
 one frame per second), audio (log-mel).
@@ -52,6 +53,7 @@ resnext = lazy_import("eao_jax.extract.resnext")
 s3d = lazy_import("eao_jax.extract.s3d")
 clip = lazy_import("eao_jax.extract.clip")
 logmel = lazy_import("eao_jax.extract.logmel")
+decode = lazy_import("eao_jax.extract.decode")
 runner_lib = lazy_import("eao_jax.extract.runner")
 
 
@@ -168,11 +170,18 @@ def time_backbone(name: str, *, batch: int | None = None, repeats: int = 3, dtyp
             "flops_per_cpu_s": flops_per_unit * n / statistics.median(cpu_times), "matmul_probes": probes}
 
 
+def time_decode(path: str, repeats: int = 3) -> dict[str, Any]:
+    """One decode of `path` for the 2D and 3D recipes and the audio (`decode.bench_decode`), `repeats`
+    times in this process: the run with the median CPU time, plus "cpu_s_all"."""
+    runs = sorted((decode.bench_decode(path) for _ in range(repeats)), key=lambda r: r["cpu_s"])
+    return {**runs[len(runs) // 2], "cpu_s_all": [round(r["cpu_s"], 4) for r in runs]}
+
+
 def run_benchmark(names: list[str], *, batch: int | None = None, repeats: int = 3, dtype: str = "float32",
                   tiny: bool = False, matmul_size: int = 2048, matmul_repeats: int = 3,
-                  audio: bool = True) -> dict[str, Any]:
-    """Times each backbone of `names` (and, with `audio`, the log-mel recipe on the host CPU) and
-    returns the JSON result (module doc)."""
+                  audio: bool = True, decode_videos: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Times each backbone of `names` (and, with `audio`, the log-mel recipe on the host CPU; each of
+    `decode_videos` decoded once for every recipe) and returns the JSON result (module doc)."""
     unknown = [n for n in names if n not in BACKBONES]
     if unknown:
         raise ValueError(f"unknown backbone(s) {', '.join(unknown)}; known: {', '.join(BACKBONES)}")
@@ -199,8 +208,9 @@ def run_benchmark(names: list[str], *, batch: int | None = None, repeats: int = 
         audio_res = logmel.bench_logmel(seconds=5.0 if tiny else 60.0, repeats=repeats)
         recipes["audio"] = audio_res["flops_per_audio_second"]
     recipes["total"] = sum(recipes.values())
+    decoded = [time_decode(p, repeats) for p in decode_videos]
     return {"device_kind": devices[0].device_kind, "device_count": len(devices), "platform": devices[0].platform,
-            "audio": audio_res, "dtype": dtype, "tiny": tiny, "matmul_size": matmul_size,
+            "decode": decoded, "audio": audio_res, "dtype": dtype, "tiny": tiny, "matmul_size": matmul_size,
             "matmul_peak_flops_per_s": peak,
             "matmul_peak_flops_per_cpu_s": peak_cpu, "matmul_probes": len(probes), "backbones": results,
             "recipe_flops_per_video_second": recipes}
@@ -221,6 +231,9 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
         "matmul_size": flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul of the peak probe."),
         "matmul_repeats": flags.DEFINE_integer("matmul_repeats", 3, "Matmuls per probe (the best counts)."),
         "audio": flags.DEFINE_boolean("audio", True, "Also time the log-mel recipe (numpy, host CPU)."),
+        "decode_videos": flags.DEFINE_list("decode_videos", [], "Video files to decode once each for the 2D and 3D "
+                                           "frames and the audio (one process, one thread; e.g. a 360p and a 720p "
+                                           "video of your data): frames per CPU-second and peak RSS."),
     }
 
 
@@ -241,6 +254,10 @@ def main(options: dict[str, flags.FlagHolder], argv: list[str]) -> None:
         print(f"audio (log-mel, host CPU): {a['logmel_audio_seconds_per_cpu_second']:.0f} s of audio per CPU-second "
               f"(16 kHz mono -> (40, T)); {a['mono_16k_audio_seconds_per_cpu_second']:.0f} for the 48 kHz 6-channel "
               f"mix + resample; {a['flops_per_audio_second'] / 1e6:.2f} MFLOP per second of audio", file=sys.stderr)
+    for d in res["decode"]:
+        print(f"decode {d['path']} ({d['size']}): {d['source_frames_per_cpu_s']:.0f} source frames per CPU-second "
+              f"({d['2d_frames']} 2D + {d['3d_frames']} 3D frames and {d['audio_samples']} audio samples from "
+              f"{d['source_frames']} in {d['cpu_s']:.2f} CPU-s), peak RSS {d['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     per_s = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in res["recipe_flops_per_video_second"].items())
     print(f"GFLOP per second of video: {per_s}", file=sys.stderr)
     sys.stderr.flush()
