@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -446,6 +447,7 @@ def twenty(tmp_path_factory, tiny):
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("extract: 20 of 20 videos finished in ")
+    assert re.search(r"^  \d+ videos per hour, [\d.]+ seconds of video per second ", proc.stdout, re.M), proc.stdout
     return root, out, p2
 
 

@@ -81,6 +81,12 @@ def _summary(report: dict, output: str) -> list[str]:
     if report.get("without_captions"):
         lines.append(f"  {len(report['without_captions'])} finished videos have no captions (prepare --skip_bad "
                      "skips them)")
+    procs = report.get("processes", [])
+    wall = max((p["seconds"]["wall"] for p in procs), default=0.0)
+    if report["extracted"] and wall > 0:
+        lines.append(f"  {sum(p['videos_per_hour'] for p in procs):.0f} videos per hour, "
+                     f"{report['video_seconds'] / wall:.1f} seconds of video per second ({wall:.1f} s; the "
+                     "report's 'seconds' say where the time went)")
     lines.append(f"  report: {output.rstrip('/')}/extract_report.json")
     return lines
 
