@@ -80,10 +80,17 @@ class DecodeError(Exception):
 
 
 def output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """(height, width) with the short side `short_side`, the long side truncated as the reference did."""
+    """(height, width) with the short side `short_side`, aspect kept, the long side truncated as the
+    reference did: a 720 x 1280 frame -> (224, 398) at 224, (112, 199) at 112; 272 x 640 -> (224, 527)."""
     if height >= width:
         return int(height * short_side / width), short_side
     return short_side, int(width * short_side / height)
+
+
+def crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """(x, y) of the centre `size` x `size` crop of a (height, width) frame: int((w - size) / 2),
+    int((h - size) / 2), as the reference's crop filter."""
+    return int((width - size) / 2.0), int((height - size) / 2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +208,7 @@ class _Scaler:
         self.crop_args = None
         if recipe.crop:
             s = recipe.short_side
-            self.crop_args = f"{s}:{s}:{int((out_w - s) / 2)}:{int((out_h - s) / 2)}"
+            self.crop_args = f"{s}:{s}:" + ":".join(map(str, crop_offsets(out_h, out_w, s)))
         self.shape = (recipe.short_side, recipe.short_side, 3) if recipe.crop else (out_h, out_w, 3)
         self._key = None
         self._graph = None

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from eao_jax.extract import resnet, resnext
+from eao_jax.extract.decode import crop_offsets, output_size  # noqa: F401 (the recipes' sizes)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,20 +33,6 @@ KINETICS_MEAN = (110.6, 103.2, 96.3)  # the 3D network's input mean, on the 0-25
 STD_EPS = 1e-8  # the reference adds it to the std (in float32: no-op for std 1)
 CLIP_FRAMES = 16
 FEATURE_DTYPE = np.float16
-
-
-def output_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(height, width) of a decoded frame: short side `size`, aspect kept, truncated; a 720 x 1280
-    frame -> (224, 398) at 224, (112, 199) at 112; 272 x 640 -> (224, 527)."""
-    if height >= width:
-        return int(height * size / width), size
-    return size, int(width * size / height)
-
-
-def crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
-    """(x, y) of the centre `size` x `size` crop of a (height, width) frame: int((w - size) / 2),
-    int((h - size) / 2)."""
-    return int((width - size) / 2.0), int((height - size) / 2.0)
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:

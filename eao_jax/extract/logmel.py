@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from typing import Any
 
 import numpy as np
 import soxr
+
+from eao_jax.extract import outputs
 
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms window (= win_length)
@@ -206,20 +207,12 @@ def to_mono_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def save_spectrogram(path: str | os.PathLike, spec: np.ndarray) -> None:
-    """Writes `spec` (40, T) as float16 under key `arr_0` (`np.savez`), atomically (a killed job
-    leaves no partial file under the final name)."""
+    """Writes `spec` (40, T) as float16 under key `arr_0` (as `np.savez`), atomically (a killed job
+    leaves no partial file under the final name): `outputs.write_npz`, as the extraction job writes."""
     spec = np.asarray(spec)
     if spec.ndim != 2 or spec.shape[0] != N_MELS:
         raise ValueError(f"{path}: expected a ({N_MELS}, T) spectrogram, got shape {spec.shape}")
-    path = os.fspath(path)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # unique per writer; created with the umask's permissions
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, spec.astype(np.float16))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    outputs.write_npz(os.fspath(path), "arr_0", spec.astype(np.float16))
 
 
 def flops_per_second_of_audio() -> float:

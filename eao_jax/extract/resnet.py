@@ -29,6 +29,7 @@ from flax import nnx
 from jax import lax
 
 from eao_jax.extract.weights import StateDict, WeightsError, load_state_dict
+from eao_jax.model import eao
 from eao_jax.model.layers import BatchNorm
 
 STAGES = 4
@@ -152,9 +153,9 @@ class ResNet(nnx.Module):
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-    """Rows of (N, D) divided by max(|row|, 1e-12), as torch.nn.functional.normalize."""
-    xf = x.astype(jnp.float32)
-    return xf / jnp.maximum(jnp.linalg.norm(xf, axis=-1, keepdims=True), 1e-12)
+    """Rows of (N, D) divided by max(|row|, 1e-12), as torch.nn.functional.normalize (the model's
+    `l2_normalize` with the extractors' eps)."""
+    return eao.l2_normalize(x, eps=1e-12)
 
 
 def pooled(model: ResNet, frames: jax.Array) -> jax.Array:
